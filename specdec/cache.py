@@ -1,0 +1,152 @@
+"""Per-layer caches of a hybrid model, and committing a speculative window at any accepted length.
+
+A KV layer keeps keys/values in a buffer grown in steps; rolling back is moving `offset`.
+A GDN layer keeps the conv window (last kernel-1 projected inputs) and the fp32 recurrent state.
+
+A speculative *window* starts with `begin_window()`; every token processed after that (in one or several
+forwards) can be taken back: `commit(keep)` leaves each cache exactly as if only the first `keep` window
+tokens had been processed. The model is never run again for this:
+  - KV: offset = start + keep.
+  - GDN conv: the window's inputs are kept, so the conv window ending at token keep-1 is a slice.
+  - GDN state, two methods:
+      "replay": keep the step inputs (k, v, g, beta) and re-run `keep` recurrence steps from the state
+                saved at the window start (MLX arrays are immutable: saving it costs nothing);
+      "states": the recurrence emits the state after every step and commit picks one (vLLM's way).
+"""
+
+import mlx.core as mx
+
+from .models.gdn import gdn_replay
+
+COMMIT_METHODS = ("replay", "states")
+
+
+class KVCache:
+    step = 256  # grow the buffer in chunks to avoid a copy per token
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0
+        self._window_start = None
+
+    def update_and_fetch(self, k, v):
+        B, H, S, D = k.shape
+        prev = self.offset
+        if self.keys is None or prev + S > self.keys.shape[2]:
+            grow = ((S + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, H, grow, D), k.dtype)
+            new_v = mx.zeros((B, H, grow, v.shape[3]), v.dtype)
+            if self.keys is not None:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+            else:
+                self.keys, self.values = new_k, new_v
+        self.offset += S
+        self.keys[..., prev : self.offset, :] = k
+        self.values[..., prev : self.offset, :] = v
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def begin_window(self):
+        self._window_start = self.offset
+
+    def commit(self, keep: int):
+        self.offset = self._window_start + keep
+        self._window_start = None
+
+    @property
+    def state(self):  # what the cache holds, for comparisons in tests
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @property
+    def nbytes(self):
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class GDNCache:
+    def __init__(self, method: str = "replay"):
+        if method not in COMMIT_METHODS:
+            raise ValueError(f"commit method must be one of {COMMIT_METHODS}, got {method!r}")
+        self.method = method
+        self.conv_state = None  # [B, kernel-1, conv_dim]
+        self.state = None  # [B, Hv, Dk, Dv] float32
+        self.offset = 0
+        self._window = None  # dict while a window is open
+
+    @property
+    def wants_states(self) -> bool:
+        return self._window is not None and self.method == "states"
+
+    def begin_window(self):
+        self._window = {"conv": self.conv_state, "state": self.state, "inputs": [], "tape": [], "states": []}
+
+    def advance(self, conv_in, final_state, tape, states=None):
+        """Called by the GDN layer after each forward with what it consumed and produced."""
+        S = tape[0].shape[1]
+        kernel_1 = conv_in.shape[1] - S
+        w = self._window
+        if w is not None:
+            if w["conv"] is None:  # window opened on an empty cache: the conv history was zeros
+                w["conv"] = conv_in[:, :kernel_1]
+            w["inputs"].append(conv_in[:, kernel_1:])
+            if self.method == "states":
+                w["states"].append(states)
+            else:
+                w["tape"].append(tape)
+        self.conv_state = conv_in[:, S:]
+        self.state = final_state
+        self.offset += S
+
+    def commit(self, keep: int):
+        w, self._window = self._window, None
+        processed = sum(x.shape[1] for x in w["inputs"])
+        if not 0 <= keep <= processed:
+            raise ValueError(f"commit keeps {keep} of {processed} window tokens")
+        self.offset -= processed - keep
+        if keep == processed:
+            return
+        history = mx.concatenate([w["conv"], *w["inputs"]], axis=1)
+        k1 = w["conv"].shape[1]
+        self.conv_state = history[:, keep : keep + k1]
+        if keep == 0:
+            self.state = w["state"]
+        elif self.method == "states":
+            self.state = mx.concatenate(w["states"], axis=1)[:, keep - 1]
+        else:
+            k, v, g, beta = (mx.concatenate(parts, axis=1) for parts in zip(*w["tape"]))
+            self.state = gdn_replay(k, v, g, beta, w["state"], keep)
+
+
+class ModelCache(list):
+    """One cache per layer, in layer order; `model(tokens, cache)` reads and advances it."""
+
+    def begin_window(self):
+        for c in self:
+            c.begin_window()
+
+    def commit(self, keep: int):
+        for c in self:
+            c.commit(keep)
+
+    @property
+    def offset(self) -> int:
+        return self[0].offset
+
+    def eval(self):
+        arrays = []
+        for c in self:
+            if isinstance(c, KVCache) and c.keys is not None:
+                arrays += [c.keys, c.values]
+            elif isinstance(c, GDNCache) and c.state is not None:
+                arrays += [c.conv_state, c.state]
+        mx.eval(arrays)
+
+
+def make_cache(model, commit_method: str = "replay") -> ModelCache:
+    return ModelCache(
+        GDNCache(commit_method) if t == "linear_attention" else KVCache() for t in model.layer_types
+    )

@@ -1,0 +1,201 @@
+"""Layers shared by every architecture: norm, RoPE, attention, MLP, and the fused sparse MoE."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight. Zero-centred checkpoints (1 + w) are folded to this form at load."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class RoPE(nn.Module):
+    """Rotary embedding on the first `dims` of each head (rotate-half convention, as in HF)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dims = int(cfg.head_dim * cfg.partial_rotary_factor)
+        self.base = cfg.rope_theta
+        self._freqs = None
+        if cfg.rope_scaling:  # llama3 frequency-dependent scaling
+            s = cfg.rope_scaling
+            factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+            old_ctx = s["original_max_position_embeddings"]
+            inv = self.base ** (-mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)
+            wavelen = 2 * math.pi / inv
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            scaled = mx.where(wavelen > old_ctx / low, inv / factor, inv)
+            mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+            scaled = mx.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+            self._freqs = 1.0 / scaled  # mx.fast.rope takes periods
+
+    def __call__(self, x, offset: int):
+        if self._freqs is not None:
+            return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
+
+
+class Attention(nn.Module):
+    """Causal GQA attention with optional per-head q/k norms and (Qwen3.5/Next) a sigmoid output gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.gated = cfg.gated_attention
+        bias = cfg.attention_bias
+        q_out = self.n_heads * self.head_dim * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.rope = RoPE(cfg)
+        self.scale = self.head_dim**-0.5
+
+    def __call__(self, x, cache=None):
+        B, S, _ = x.shape
+        q = self.q_proj(x)
+        if self.gated:  # per head: [query (D) | gate (D)]
+            q, gate = mx.split(q.reshape(B, S, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+            gate = gate.reshape(B, S, -1)
+        else:
+            q = q.reshape(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, S, self.n_kv, self.head_dim)
+        v = self.v_proj(x).reshape(B, S, self.n_kv, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        mask = "causal" if S > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(B, S, -1)
+        if self.gated:
+            out = out * mx.sigmoid(gate)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=bias)
+        self.up_proj = nn.Linear(dims, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dims, bias=bias)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertLinear(nn.Module):
+    """E stacked linear maps [E, out, in]; each token row is multiplied by the expert its index names."""
+
+    def __init__(self, num_experts: int, in_dims: int, out_dims: int):
+        super().__init__()
+        scale = in_dims**-0.5
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, out_dims, in_dims))
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedExpertLinear.from_float(self, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(nn.Module):
+    def __init__(self, num_experts: int, in_dims: int, out_dims: int, group_size=64, bits=4, mode="affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        w = mx.zeros((num_experts, out_dims, in_dims))
+        self.weight, self.scales, *biases = mx.quantize(w, group_size, bits, mode=mode)
+        if biases:
+            self.biases = biases[0]
+        self.freeze()
+
+    @classmethod
+    def from_float(cls, layer: ExpertLinear, group_size, bits, mode):
+        E, out_dims, in_dims = layer.weight.shape
+        q = cls(E, in_dims, out_dims, group_size, bits, mode)
+        q.weight, q.scales, *biases = mx.quantize(layer.weight, group_size, bits, mode=mode)
+        if biases:
+            q.biases = biases[0]
+        return q
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return mx.gather_qmm(
+            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+        )
+
+
+# Below this many (token, expert) pairs, gathering in token order is cheaper than sorting first.
+SORT_THRESHOLD = 64
+
+
+class Experts(nn.Module):
+    """SwiGLU experts with gate and up fused into one [E, 2I, H] tensor: two gather matmuls per layer."""
+
+    def __init__(self, num_experts: int, dims: int, hidden: int):
+        super().__init__()
+        self.gate_up = ExpertLinear(num_experts, dims, 2 * hidden)
+        self.down = ExpertLinear(num_experts, hidden, dims)
+
+    def __call__(self, x, indices):
+        # x [N, H], indices [N, k] -> [N, k, H]
+        N, k = indices.shape
+        do_sort = indices.size >= SORT_THRESHOLD
+        if do_sort:  # group rows by expert so each expert's weights are read once, contiguously
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            inverse = mx.argsort(order)
+            h = x[order // k][:, None, :]
+            idx = flat[order]
+        else:
+            h = x[:, None, None, :]
+            idx = indices
+        gate, up = mx.split(self.gate_up(h, idx, do_sort), 2, axis=-1)
+        y = self.down(nn.silu(gate) * up, idx, do_sort)
+        if do_sort:
+            return y.squeeze(-2)[inverse].reshape(N, k, -1)
+        return y.squeeze(-2)
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts plus a sigmoid-gated shared expert (Qwen2/3-MoE family)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        k = self.top_k
+        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k])
+        scores = mx.take_along_axis(probs, indices, axis=-1)
+        if self.norm_topk_prob:
+            scores = scores / scores.sum(axis=-1, keepdims=True)
+        y = (self.experts(x, indices) * scores[..., None].astype(x.dtype)).sum(axis=-2)
+        if "shared_expert" in self:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.reshape(shape)
