@@ -1,0 +1,106 @@
+"""`specdec` command line: thin wrappers over the API. Errors print as one line, no traceback."""
+
+import argparse
+import json
+import sys
+
+from .errors import SpecdecError
+
+EXAMPLES = """examples:
+  specdec generate "def fib(n):"                        # bundled demo target + draft, offline
+  specdec generate --model Qwen/Qwen3.5-35B-A3B --draft Qwen/Qwen3.5-0.8B -K 4 --prompt "Hello"
+  specdec generate --model ./my-model --temp 0.7 --top-p 0.9 --seed 1 "Once upon a time"
+"""
+
+
+def add_sampling(p):
+    p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="specdec", description="Lossless speculative decoding for Qwen3.5 / Qwen3-Next hybrid MoE models on MLX.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (speculative when a draft is given)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
+    g.add_argument("--prompt", "-p", help="the prompt")
+    g.add_argument("--model", "-m", help="target: local folder or Hugging Face repo id (default: bundled demo)")
+    g.add_argument("--draft", "-d", help="draft model folder or repo id; 'none' for plain decoding "
+                   "(default: the bundled demo draft when --model is not given)")
+    g.add_argument("-K", "--num-draft-tokens", type=int, default=4, help="draft tokens per round (default 4)")
+    add_sampling(g)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)")
+    g.add_argument("--commit-method", choices=["replay", "states"], default="replay",
+                   help="how GDN state is rolled back after a rejected draft (default: replay)")
+    g.add_argument("--json", action="store_true", help="print the result and stats as JSON")
+    return parser
+
+
+def cmd_generate(args):
+    from .generate import demo_path, load, stream_generate
+    from .loading import load_model
+
+    prompt = args.prompt if args.prompt is not None else args.prompt_text
+    if prompt is None:
+        raise SpecdecError("no prompt: pass it as an argument or with --prompt")
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    draft_arg = args.draft if args.draft is not None else (None if args.model else str(demo_path("draft")))
+    draft = None
+    if draft_arg and draft_arg.lower() != "none":
+        draft = load_model(draft_arg, dtype=args.dtype)[0]
+    text, tokens, finish = [], 0, None
+    stream = not args.json
+    for chunk in stream_generate(
+        model, tokenizer, prompt, draft=draft, num_draft_tokens=args.num_draft_tokens, max_tokens=args.max_tokens,
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        stop=args.stop, chat=args.chat, commit_method=args.commit_method,
+    ):
+        if stream:
+            print(chunk.text, end="", flush=True)
+        text.append(chunk.text)
+        tokens += len(chunk.tokens)
+        finish, stats = chunk.finish_reason, chunk.stats
+    decode_time = stats.draft_time + stats.verify_time + stats.commit_time
+    summary = {
+        "finish_reason": finish, "generation_tokens": tokens,
+        "generation_tps": tokens / decode_time if decode_time else 0.0, **stats.as_dict(),
+    }
+    if args.json:
+        print(json.dumps({"text": "".join(text), **summary}, indent=2))
+        return
+    print()
+    print("-" * 60, file=sys.stderr)
+    print(f"{tokens} tokens, {summary['generation_tps']:.1f} tok/s, finish: {finish}", file=sys.stderr)
+    if draft is not None:
+        by_pos = " ".join(f"{a:.2f}" for a in stats.acceptance_by_position)
+        print(f"rounds {stats.rounds}  tau {stats.tau:.2f}  acceptance {stats.acceptance_rate:.2%} "
+              f"({stats.accepted}/{stats.drafted})  by position: {by_pos}", file=sys.stderr)
+        print(f"time: prefill {stats.prefill_time:.2f}s  draft {stats.draft_time:.2f}s  "
+              f"verify {stats.verify_time:.2f}s  commit {stats.commit_time:.2f}s", file=sys.stderr)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate}[args.command](args)
+    except SpecdecError as e:
+        print(f"specdec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

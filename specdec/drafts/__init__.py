@@ -1,0 +1,6 @@
+"""Proposers: things that guess the target's next K tokens. All go through one interface (`Proposer`)."""
+
+from .base import Proposer
+from .model_draft import DraftModelProposer
+
+__all__ = ["Proposer", "DraftModelProposer"]
