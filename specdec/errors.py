@@ -27,3 +27,7 @@ class PromptError(SpecdecError):
 
 class DraftError(SpecdecError):
     """The draft does not fit the target (vocabulary mismatch, bad K, ...)."""
+
+
+class ShapeError(SpecdecError):
+    """Arrays handed to a model function have shapes that do not fit together."""
