@@ -15,6 +15,8 @@ v-head h reads k-head h // (Hv // Hk), as repeat_interleave does.
 """
 
 import math
+import os
+import warnings
 
 import mlx.core as mx
 
@@ -84,14 +86,27 @@ def _recurrence_ops(q, k, v, g, beta, state, keep_states):
 
 
 def _pick_recurrence():
-    # THE dispatch point for the token loop. A fused kernel with _recurrence_ops's signature plugs in here
-    # (mx.fast.cuda_kernel when mx.cuda.is_available(), mx.fast.metal_kernel when mx.metal.is_available()),
-    # running all S steps in one launch with the state on chip. None exists yet: every device takes the ops path.
+    # THE dispatch point for the token loop: on MLX's CUDA backend a fused kernel (gdn_cuda.py) runs all S steps
+    # in one launch with the state in registers, once it has passed a self-check against the ops path
+    # (SPECDEC_GDN_KERNEL=0 turns it off). Elsewhere (CPU, Metal) the ops path serves: no untested kernels.
     # (mx.compile of gdn_step was measured on the CPU: 1.35-1.6x slower than plain ops, so it is not used.)
+    if os.environ.get("SPECDEC_GDN_KERNEL", "1") != "0" and mx.cuda.is_available() and mx.default_device() == mx.gpu:
+        from . import gdn_cuda
+
+        if gdn_cuda.self_check(_recurrence_ops):
+            return gdn_cuda.recurrence_cuda
+        warnings.warn("the GDN CUDA kernel failed its self-check; using the MLX ops path")
     return _recurrence_ops
 
 
-_recurrence = _pick_recurrence()
+def _recurrence(*args):
+    global _recurrence_impl
+    if _recurrence_impl is None:
+        _recurrence_impl = _pick_recurrence()
+    return _recurrence_impl(*args)
+
+
+_recurrence_impl = None  # chosen on first use
 
 
 def gdn_recurrent(q, k, v, g, beta, state=None, *, return_states=False):

@@ -1,0 +1,97 @@
+"""The GDN token loop as one CUDA kernel (MLX's CUDA backend), replacing gdn._recurrence_ops there.
+
+One thread owns one column j of one head's state S [Dk, Dv]: the Dk floats of S[:, j] stay in registers for
+all S steps of a decode or verify window, so the state is read from memory once and written once, and the
+k . S, delta and q . S products need no communication between threads (every thread reads the same k_t, q_t).
+Optionally it writes the state after every step (the "states" commit method).
+
+Numerics equal the ops path (same fp32 operations in the same order per column); `scripts/check_kernels.py`
+compares the two on real-size random inputs on the GPU. `recurrence_cuda()` also checks itself once on a
+small case before it is used, and the caller falls back to the ops path if that check fails.
+"""
+
+import mlx.core as mx
+
+SOURCE = """
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;   // value column
+    const int bh = blockIdx.y;                                // batch * Hv + head
+    if (j >= Dv) return;
+    const int b = bh / Hv, h = bh % Hv;
+    float s[Dk];
+    #pragma unroll
+    for (int i = 0; i < Dk; ++i) s[i] = state_in[((size_t)bh * Dk + i) * Dv + j];
+    for (int t = 0; t < S; ++t) {
+        const size_t row = ((size_t)b * S + t) * Hv + h;    // index into [B, S, Hv]
+        const float* kt = k + row * Dk;
+        const float decay = expf(g[row]);
+        float recalled = 0.f;
+        #pragma unroll
+        for (int i = 0; i < Dk; ++i) { s[i] *= decay; recalled += kt[i] * s[i]; }
+        const float delta = beta[row] * (v[row * Dv + j] - recalled);
+        float o = 0.f;
+        const float* qt = q + row * Dk;
+        #pragma unroll
+        for (int i = 0; i < Dk; ++i) {
+            s[i] += kt[i] * delta;
+            if (HAS_Q) o += qt[i] * s[i];
+        }
+        if (HAS_Q) out[row * Dv + j] = o;
+        if (KEEP) {
+            #pragma unroll
+            for (int i = 0; i < Dk; ++i) states[(row * Dk + i) * Dv + j] = s[i];
+        }
+    }
+    #pragma unroll
+    for (int i = 0; i < Dk; ++i) state_out[((size_t)bh * Dk + i) * Dv + j] = s[i];
+"""
+
+_kernel = None
+COLUMNS_PER_BLOCK = 32
+
+
+def _get_kernel():
+    global _kernel
+    if _kernel is None:
+        _kernel = mx.fast.cuda_kernel(
+            name="gdn_recurrence",
+            input_names=["q", "k", "v", "g", "beta", "state_in"],
+            output_names=["out", "state_out", "states"],
+            source=SOURCE,
+        )
+    return _kernel
+
+
+def recurrence_cuda(q, k, v, g, beta, state, keep_states):
+    """Same contract as gdn._recurrence_ops: float32 inputs, k-heads already matched to v-heads."""
+    B, S, Hv, Dv = v.shape
+    Dk = k.shape[-1]
+    has_q = q is not None
+    out, state_out, states = _get_kernel()(
+        inputs=[q if has_q else k, k, v, g, beta, state],
+        template=[("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("S", S), ("HAS_Q", has_q), ("KEEP", bool(keep_states))],
+        grid=(((Dv + COLUMNS_PER_BLOCK - 1) // COLUMNS_PER_BLOCK) * COLUMNS_PER_BLOCK, B * Hv, 1),
+        threadgroup=(COLUMNS_PER_BLOCK, 1, 1),
+        output_shapes=[(B, S, Hv, Dv) if has_q else (1,), (B, Hv, Dk, Dv), (B, S, Hv, Dk, Dv) if keep_states else (1,)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+    )
+    return (out if has_q else None), state_out, (states if keep_states else None)
+
+
+def self_check(reference) -> bool:
+    """Run the kernel once against the ops path on a small random case; True when they agree."""
+    try:
+        B, S, Hv, Dk, Dv = 1, 3, 4, 32, 64
+        key = mx.random.key(0)
+        ks = mx.random.split(key, 6)
+        norm = lambda x: x / mx.linalg.norm(x, axis=-1, keepdims=True)
+        q = norm(mx.random.normal((B, S, Hv, Dk), key=ks[0]))
+        k = norm(mx.random.normal((B, S, Hv, Dk), key=ks[1]))
+        v = mx.random.normal((B, S, Hv, Dv), key=ks[2])
+        g = -mx.random.uniform(shape=(B, S, Hv), key=ks[3])
+        beta = mx.random.uniform(shape=(B, S, Hv), key=ks[4])
+        state = mx.random.normal((B, Hv, Dk, Dv), key=ks[5])
+        mine = recurrence_cuda(q, k, v, g, beta, state, True)
+        ref = reference(q, k, v, g, beta, state, True)
+        return all(mx.allclose(a, b, rtol=1e-4, atol=1e-4).item() for a, b in zip(mine, ref))
+    except Exception:
+        return False
