@@ -44,21 +44,82 @@ def build_parser():
     g.add_argument("--commit-method", choices=["replay", "states"], default="replay",
                    help="how GDN state is rolled back after a rejected draft (default: replay)")
     g.add_argument("--json", action="store_true", help="print the result and stats as JSON")
+    e = sub.add_parser("eval", help="acceptance-rate evaluation: tau, acceptance and speedup per prompt category",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  specdec eval                                          # bundled demo pair, bundled suites
+  specdec eval --model T --draft D -K 4 --output report.json --plots plots/
+  specdec eval --model T --draft ngram --prompts my_prompts.jsonl   # JSONL lines: {"category": ..., "prompt": ...}
+""")
+    e.add_argument("--model", "-m", help="target (default: bundled demo target)")
+    e.add_argument("--draft", "-d", help="draft folder / repo id (default: the bundled demo draft without --model)")
+    e.add_argument("-K", "--num-draft-tokens", type=int, default=4, help="draft tokens per round (default 4)")
+    e.add_argument("--suite", action="append", help="bundled suite(s) to run (default: all); see --list-suites")
+    e.add_argument("--prompts", action="append", default=[], help="a JSONL file of your own prompts (repeatable)")
+    e.add_argument("--list-suites", action="store_true", help="list the bundled suites and exit")
+    e.add_argument("--limit", type=int, help="at most this many prompts per suite")
+    add_sampling(e)
+    e.set_defaults(max_tokens=96)
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)")
+    e.add_argument("--output", "-o", help="write the JSON report here")
+    e.add_argument("--plots", help="folder for PNG plots (needs the `plot` extra)")
     return parser
 
 
-def cmd_generate(args):
-    from .generate import demo_path, load, stream_generate
+def resolve_draft(arg, model_given, dtype):
+    """--draft value -> what generate() takes: a loaded model, a named proposer, or None."""
+    from .generate import demo_path
     from .loading import load_model
+
+    name = arg if arg is not None else (None if model_given else str(demo_path("draft")))
+    if not name or name.lower() == "none":
+        return None
+    if name in ("mtp", "ngram"):
+        return name
+    return load_model(name, dtype=dtype)[0]
+
+
+def cmd_eval(args):
+    from .evaluate import bundled_suites, evaluate, format_table, plot, read_prompts
+    from .generate import load
+
+    suites = bundled_suites()
+    if args.list_suites:
+        print("\n".join(sorted(suites)))
+        return
+    unknown = [s for s in args.suite or [] if s not in suites]
+    if unknown:
+        raise SpecdecError(f"unknown suite {unknown[0]!r}; bundled suites: {', '.join(sorted(suites))}")
+    files = [suites[s] for s in (args.suite or ([] if args.prompts else sorted(suites)))] + args.prompts
+    prompts = []
+    for f in files:
+        rows = read_prompts(f)
+        prompts += rows[: args.limit] if args.limit else rows
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    draft = resolve_draft(args.draft, args.model is not None, args.dtype)
+    report = evaluate(model, tokenizer, prompts, draft, num_draft_tokens=args.num_draft_tokens,
+                      max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                      min_p=args.min_p, seed=args.seed)
+    report["settings"] = {"model": args.model or "bundled demo target", "draft": args.draft or "bundled demo draft",
+                          "num_draft_tokens": args.num_draft_tokens, "max_tokens": args.max_tokens,
+                          "temperature": args.temp}
+    print(format_table(report))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"report: {args.output}")
+    if args.plots:
+        written = plot(report, args.plots)
+        print("plots: " + (", ".join(map(str, written)) if written else "skipped (pip install 'specdec[plot]')"))
+
+
+def cmd_generate(args):
+    from .generate import load, stream_generate
 
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:
         raise SpecdecError("no prompt: pass it as an argument or with --prompt")
     model, tokenizer = load(args.model, dtype=args.dtype)
-    draft_arg = args.draft if args.draft is not None else (None if args.model else str(demo_path("draft")))
-    draft = None
-    if draft_arg and draft_arg.lower() != "none":
-        draft = load_model(draft_arg, dtype=args.dtype)[0]
+    draft = resolve_draft(args.draft, args.model is not None, args.dtype)
     text, tokens, finish = [], 0, None
     stream = not args.json
     for chunk in stream_generate(
@@ -93,7 +154,7 @@ def cmd_generate(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate}[args.command](args)
+        {"generate": cmd_generate, "eval": cmd_eval}[args.command](args)
     except SpecdecError as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2
