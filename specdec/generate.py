@@ -5,7 +5,9 @@
     for chunk in stream_generate(model, tokenizer, "def fib(n):", draft=draft, num_draft_tokens=4):
         print(chunk.text, end="")
 
-`draft` may be a loaded model, a path or Hub id, or a Proposer; None decodes plainly (K = 0).
+`draft` may be a loaded model, a path or Hub id, "ngram" (prompt lookup), "mtp" (the target's own MTP
+head), or a Proposer; None decodes plainly (K = 0). `num_draft_tokens` is K, or "auto" to choose K each
+round from measured costs (AdaptiveK).
 """
 
 import time
@@ -14,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .drafts import DraftModelProposer, Proposer
+from .adaptive import AdaptiveK
+from .drafts import DraftModelProposer, MTPProposer, NgramProposer, Proposer
 from .engine import Stats, speculate
 from .errors import DraftError, PromptError, SamplingError
 from .loading import load_model
@@ -58,6 +61,10 @@ class GenerationResult:
 def make_proposer(draft, target, tokenizer=None, seed=None) -> Proposer | None:
     if draft is None or isinstance(draft, Proposer):
         proposer = draft
+    elif draft == "ngram":
+        proposer = NgramProposer(target.config.vocab_size)
+    elif draft == "mtp":  # the target's own multi-token-prediction head
+        proposer = MTPProposer(target, seed=seed)
     elif isinstance(draft, (str, Path)):
         proposer = DraftModelProposer(load_model(draft)[0], seed=seed)
     else:
@@ -88,7 +95,7 @@ def encode_prompt(tokenizer, prompt, chat: bool, max_context: int) -> list:
     return ids
 
 
-def stream_generate(model, tokenizer, prompt, *, draft=None, num_draft_tokens: int = 4, max_tokens: int = 256,
+def stream_generate(model, tokenizer, prompt, *, draft=None, num_draft_tokens: int | str = 4, max_tokens: int = 256,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                     seed: int | None = None, stop: list | None = None, chat: bool = False,
                     commit_method: str = "replay", stats: Stats | None = None) -> Iterator[GenerationChunk]:
@@ -96,13 +103,15 @@ def stream_generate(model, tokenizer, prompt, *, draft=None, num_draft_tokens: i
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise SamplingError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if not isinstance(num_draft_tokens, int) or not 0 <= num_draft_tokens <= 64:
-        raise DraftError(f"num_draft_tokens must be an integer in [0, 64], got {num_draft_tokens!r}")
+    if num_draft_tokens == "auto":
+        num_draft_tokens = AdaptiveK()
+    if not (callable(num_draft_tokens) or isinstance(num_draft_tokens, int) and 0 <= num_draft_tokens <= 64):
+        raise DraftError(f"num_draft_tokens must be an integer in [0, 64] or 'auto', got {num_draft_tokens!r}")
     stops = [s for s in (stop or []) if s]
     ids = encode_prompt(tokenizer, prompt, chat, model.config.max_position_embeddings)
     proposer = make_proposer(draft, model, tokenizer, seed)
     k = num_draft_tokens if proposer is not None else 0
-    room = model.config.max_position_embeddings - len(ids) - k
+    room = model.config.max_position_embeddings - len(ids) - (getattr(k, "max_k", 64) if callable(k) else k)
     max_tokens = min(max_tokens, room)
     stats = stats if stats is not None else Stats()
     eos = tokenizer.eos_token_ids | set(model.config.eos_token_id)

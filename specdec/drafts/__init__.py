@@ -2,5 +2,7 @@
 
 from .base import Proposer
 from .model_draft import DraftModelProposer
+from .mtp import MTPProposer
+from .ngram import NgramProposer
 
-__all__ = ["Proposer", "DraftModelProposer"]
+__all__ = ["Proposer", "DraftModelProposer", "MTPProposer", "NgramProposer"]
