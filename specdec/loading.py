@@ -133,6 +133,11 @@ def fuse_experts(w: dict, num_experts: int):
             if up is None or down is None or set(gate) != set(up):
                 raise CheckpointError(f"{prefix}.switch_mlp needs gate_proj, up_proj and down_proj with the same tensors")
             for s in gate:
+                if gate[s].shape != up[s].shape:
+                    raise CheckpointError(
+                        f"{prefix}.switch_mlp.up_proj.{s} has shape {tuple(up[s].shape)}, expected "
+                        f"{tuple(gate[s].shape)} like gate_proj.{s}"
+                    )
                 out[f"{prefix}.experts.gate_up.{s}"] = mx.concatenate([gate[s], up[s]], axis=1)
             for s, v in down.items():
                 out[f"{prefix}.experts.down.{s}"] = v
@@ -142,6 +147,18 @@ def fuse_experts(w: dict, num_experts: int):
             missing = [e for e in range(num_experts) if e not in got]
             if missing:
                 raise CheckpointError(f"missing tensor {prefix}.experts.{missing[0]}.{name}_proj.weight")
+            extra = sorted(e for e in got if e >= num_experts)
+            if extra:
+                raise CheckpointError(
+                    f"unexpected tensor {prefix}.experts.{extra[0]}.{name}_proj.weight (num_experts is {num_experts})"
+                )
+            want = parts["gate" if name == "up" else name][0].shape  # every expert alike; up like gate
+            for e in range(num_experts):
+                if got[e].shape != want:
+                    raise CheckpointError(
+                        f"tensor {prefix}.experts.{e}.{name}_proj.weight has shape {tuple(got[e].shape)}, "
+                        f"expected {tuple(want)} like expert 0's {'gate' if name == 'up' else name}_proj"
+                    )
         stack = {n: mx.stack([parts[n][e] for e in range(num_experts)]) for n in ("gate", "up", "down")}
         out[f"{prefix}.experts.gate_up.weight"] = mx.concatenate([stack["gate"], stack["up"]], axis=1)
         out[f"{prefix}.experts.down.weight"] = stack["down"]
@@ -200,9 +217,9 @@ def sanitize(weights: dict, cfg: ModelConfig) -> tuple[dict, dict]:
     folded = bool(conv_keys) and all(w[k].shape[-1] == 1 and w[k].shape[1] != 1 for k in conv_keys)
     for k in conv_keys:
         w[k] = w[k].reshape(w[k].shape[0], -1)
-    if not folded:
+    if not folded:  # fold in float32 and keep it: 1 + w rounded to bf16 loses bits that HF keeps
         for k in [k for k in w if norm_keys(k)]:
-            w[k] = (w[k].astype(mx.float32) + 1.0).astype(w[k].dtype)
+            w[k] = w[k].astype(mx.float32) + 1.0
 
     if cfg.model_type == "qwen3_next":
         w = deinterleave_qwen3_next(w, cfg)
@@ -272,6 +289,11 @@ def read_quantization(raw: dict) -> dict | None:
                 continue
             name = name.replace(".switch_mlp.gate_proj", ".experts.gate_up").replace(".switch_mlp.down_proj", ".experts.down")
             overrides[name] = value
+            # Qwen3-Next's packed projections are split at load; each part keeps the packed one's settings.
+            for packed, parts in (("in_proj_qkvz", ("qkv", "z")), ("in_proj_ba", ("b", "a"))):
+                if name.endswith(f".{packed}"):
+                    for part in parts:
+                        overrides[f"{name[: -len(packed)]}in_proj_{part}"] = value
     return {**base, "_overrides": overrides}
 
 
@@ -283,6 +305,12 @@ def load_model(path_or_repo, dtype: str | None = None, lazy: bool = False):
     cfg, raw = read_config(folder)
     quant = read_quantization(raw)
     weights, mtp = sanitize(read_safetensors(folder), cfg)
+    if quant is None:
+        scales = next((k for k in weights if k.endswith(".scales")), None)
+        if scales is not None:
+            raise CheckpointError(
+                f"{scales[: -len('.scales')]} holds quantized tensors but config.json has no 'quantization' block"
+            )
     if cfg.hybrid and any(t == "linear_attention" for t in cfg.layer_types):
         cfg.in_proj_groups = gdn_groups(weights, quant)
         weights = fuse_gdn_projections(weights, cfg.in_proj_groups, quant)
@@ -300,6 +328,11 @@ def load_model(path_or_repo, dtype: str | None = None, lazy: bool = False):
     if not lazy:
         mx.eval(model.parameters())
     return model, folder, mtp
+
+
+def keep_float32(key: str) -> bool:
+    """Tiny tensors whose precision matters: GDN decay rates and (folded) norm weights."""
+    return key.endswith("A_log") or norm_keys(key)
 
 
 def check_and_load(model, weights: dict, dtype: str | None):
@@ -320,7 +353,7 @@ def check_and_load(model, weights: dict, dtype: str | None):
             raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         target = DTYPES[dtype]
         weights = {
-            k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith("A_log") else v
+            k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and not keep_float32(k) else v
             for k, v in weights.items()
         }
     model.load_weights(list(weights.items()), strict=True)

@@ -25,7 +25,9 @@ def build(model_type: str, seed: int = 0, **overrides):
     elif model_type == "qwen3_5_moe":
         text = tf.Qwen3_5MoeTextConfig(**kw)
         vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=kw["hidden_size"])
-        cfg = tf.Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=vision)
+        # transformers ties lm_head by the wrapper's own key, so set it there too
+        cfg = tf.Qwen3_5MoeConfig(text_config=text.to_dict(), vision_config=vision,
+                                  tie_word_embeddings=kw.get("tie_word_embeddings", False))
         model = tf.Qwen3_5MoeForConditionalGeneration(cfg)
     elif model_type == "qwen3_5_text":
         model = tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(**kw))
@@ -59,3 +61,46 @@ def randomize(model):
 def logits(model, ids):
     out = model(torch.tensor([ids]))
     return out.logits[0].float().numpy()
+
+
+def fuse_experts_on_disk(src, dst):
+    """Copy a checkpoint folder, rewriting per-expert MoE weights into HF's fused layout:
+    `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first) and `mlp.experts.down_proj` [E, H, I]."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    experts, out = {}, {}
+    for key, value in tensors.items():
+        m = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", key)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = value
+        else:
+            out[key] = value
+    for prefix, parts in experts.items():
+        stack = {name: np.stack([parts[name][e] for e in sorted(parts[name])]) for name in parts}
+        out[f"{prefix}.gate_up_proj"] = np.concatenate([stack["gate"], stack["up"]], axis=1)
+        out[f"{prefix}.down_proj"] = stack["down"]
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def save_tokenizer(folder, vocab_size: int):
+    """A word-level tokenizer 't0 t1 ...' so tools that insist on a tokenizer (mlx_lm.convert) can run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1").save_pretrained(folder)

@@ -141,7 +141,8 @@ class ModelConfig:
             partial_rotary_factor=float(rope.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))),
             rope_scaling=rope_scaling if rope_type == "llama3" else None,
             max_position_embeddings=get("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            # A multimodal wrapper's own key decides (transformers ties by the top-level config).
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", get("tie_word_embeddings", False))),
             attention_bias=bool(get("attention_bias", False)),
             mlp_bias=bool(get("mlp_bias", False)),
             eos_token_id=eos,
