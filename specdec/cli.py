@@ -13,6 +13,16 @@ EXAMPLES = """examples:
 """
 
 
+def draft_tokens(value: str):
+    """-K: a number of draft tokens, or 'auto' (chosen each round from measured costs)."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
 def add_sampling(p):
     p.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
@@ -34,9 +44,11 @@ def build_parser():
     g.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
     g.add_argument("--prompt", "-p", help="the prompt")
     g.add_argument("--model", "-m", help="target: local folder or Hugging Face repo id (default: bundled demo)")
-    g.add_argument("--draft", "-d", help="draft model folder or repo id; 'none' for plain decoding "
-                   "(default: the bundled demo draft when --model is not given)")
-    g.add_argument("-K", "--num-draft-tokens", type=int, default=4, help="draft tokens per round (default 4)")
+    g.add_argument("--draft", "-d", help="draft model folder or repo id; 'ngram' for prompt lookup; 'mtp' for the "
+                   "target's own MTP head; 'none' for plain "
+                   "decoding (default: the bundled demo draft when --model is not given)")
+    g.add_argument("-K", "--num-draft-tokens", type=draft_tokens, default=4,
+                   help="draft tokens per round, or 'auto' to pick K each round from measured costs (default 4)")
     add_sampling(g)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -52,7 +64,8 @@ def build_parser():
 """)
     e.add_argument("--model", "-m", help="target (default: bundled demo target)")
     e.add_argument("--draft", "-d", help="draft folder / repo id (default: the bundled demo draft without --model)")
-    e.add_argument("-K", "--num-draft-tokens", type=int, default=4, help="draft tokens per round (default 4)")
+    e.add_argument("-K", "--num-draft-tokens", type=draft_tokens, default=4,
+                   help="draft tokens per round, or 'auto' (default 4)")
     e.add_argument("--suite", action="append", help="bundled suite(s) to run (default: all); see --list-suites")
     e.add_argument("--prompts", action="append", default=[], help="a JSONL file of your own prompts (repeatable)")
     e.add_argument("--list-suites", action="store_true", help="list the bundled suites and exit")
@@ -62,7 +75,33 @@ def build_parser():
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)")
     e.add_argument("--output", "-o", help="write the JSON report here")
     e.add_argument("--plots", help="folder for PNG plots (needs the `plot` extra)")
+    add_bench(sub)
     return parser
+
+
+def add_bench(sub):
+    b = sub.add_parser("bench", help="time the target and speculative decoding on random weights (no checkpoint)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  specdec bench --arch qwen3.5-35b-a3b --layers 8 --bits 4 --context 1024 --output bench.json
+  specdec bench --arch tiny --quick                     # a smoke run, seconds on a CPU
+""")
+    b.add_argument("--arch", default="qwen3.5-35b-a3b", help="qwen3.5-35b-a3b | qwen3-next-80b-a3b | tiny")
+    b.add_argument("--layers", type=int, default=8, help="decoder layers, 3 GDN : 1 attention (default 8)")
+    b.add_argument("--bits", type=int, default=4, help="3 | 4 | 8 (group 64, router 8-bit) | 16 (bfloat16)")
+    b.add_argument("--context", type=int, default=1024, help="tokens in the cache while timing steps (default 1024)")
+    b.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096], help="prompt lengths to time")
+    b.add_argument("--repeats", type=int, default=20, help="median of this many (default 20)")
+    b.add_argument("--gen-tokens", type=int, default=128, help="tokens per end-to-end run (default 128)")
+    b.add_argument("--draft-cost-ms", type=float, help="draft time per drafted token (default: 1/10 of a target step)")
+    b.add_argument("--commit-method", choices=["replay", "states"], default="replay",
+                   help="GDN commit method of the end-to-end runs (both are timed alone)")
+    b.add_argument("--no-mlx-lm", action="store_true", help="skip the side-by-side mlx-lm run")
+    b.add_argument("--mlx-lm-max-prefill", type=int, default=1024,
+                   help="time mlx-lm's prefill only up to this length: it is slow off Apple GPUs (default 1024)")
+    b.add_argument("--bandwidth-gbs", type=float, help="nominal memory bandwidth (default: known GPUs by name)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    b.add_argument("--output", "-o", help="write the JSON report here (updated after each section)")
 
 
 def resolve_draft(arg, model_given, dtype):
@@ -151,10 +190,27 @@ def cmd_generate(args):
               f"verify {stats.verify_time:.2f}s  commit {stats.commit_time:.2f}s", file=sys.stderr)
 
 
+def cmd_bench(args):
+    from .bench import BenchOptions, format_table, run_bench, write_report
+
+    opts = BenchOptions(
+        arch=args.arch, layers=args.layers, bits=args.bits, context=args.context, prefill=tuple(args.prefill),
+        repeats=args.repeats, gen_tokens=args.gen_tokens, draft_cost_ms=args.draft_cost_ms,
+        commit_method=args.commit_method, mlx_lm=not args.no_mlx_lm, mlx_lm_max_prefill=args.mlx_lm_max_prefill,
+        bandwidth_gbs=args.bandwidth_gbs, seed=args.seed,
+    )
+    opts = opts.quick() if args.quick else opts
+    save = (lambda report: write_report(report, args.output)) if args.output else None
+    report = run_bench(opts, log=lambda *a: print(*a, file=sys.stderr, flush=True), on_section=save)
+    print(format_table(report))
+    if args.output:
+        print(f"report: {args.output}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "eval": cmd_eval}[args.command](args)
+        {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except SpecdecError as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2

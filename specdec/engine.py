@@ -85,6 +85,7 @@ def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, 
     key = make_key(params.seed)
     want_hidden = proposer is not None and proposer.needs_hidden
     choose_k = num_draft_tokens if callable(num_draft_tokens) else (lambda: num_draft_tokens)
+    observe = getattr(num_draft_tokens, "observe", None)  # an adaptive K policy learns from every round
 
     t0 = time.perf_counter()
     hidden = prefill(target, cache, prompt[:-1], want_hidden)
@@ -128,5 +129,7 @@ def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, 
         stats.draft_time += t1 - t0
         stats.verify_time += t2 - t1
         stats.commit_time += t3 - t2
+        if observe is not None:
+            observe(k, n, t1 - t0, t3 - t1)
         yield emitted
         last = next_token

@@ -8,13 +8,19 @@ start of the next round together with `last` (one forward, no extra launch).
 import mlx.core as mx
 
 from ..cache import make_cache
+from ..errors import DraftError
 from ..sampling import SamplingParams, draw, log_probs, split_key, make_key
 from .base import Proposer
 
 
 class DraftModelProposer(Proposer):
-    def __init__(self, model, commit_method: str = "replay", seed: int | None = None):
+    def __init__(self, model, commit_method: str = "replay", seed: int | None = None, min_confidence: float = 0.3):
+        if not 0 <= min_confidence < 1:
+            raise DraftError(f"min_confidence must be in [0, 1) (0 turns early stopping off), got {min_confidence!r}")
         self.model = model
+        # Stop drafting once the draft's top probability falls below this: such drafts are rarely kept.
+        # It looks at the distribution only, never at the token drawn from it, so acceptance stays lossless.
+        self.min_confidence = min_confidence
         self.commit_method = commit_method
         self.key = make_key(seed)
         self.cache = None
@@ -39,28 +45,31 @@ class DraftModelProposer(Proposer):
             return mx.array([], mx.int32), None
         self.cache.begin_window()
         inputs = mx.array([self.pending + [last]])
-        self._fed = len(self.pending) + k  # pending, last, d1..d_{k-1}
+        self._base = len(self.pending) + 1  # pending, last: fed before any draft
         tokens, logprobs = [], []
         for i in range(k):
             logits = self.model(inputs, self.cache)[0, -1]
+            lp = None if params.greedy else log_probs(logits, params)
+            if self.min_confidence:  # one host sync per draft; top probability at temperature 1 when greedy
+                top = mx.softmax(logits.astype(mx.float32)).max() if lp is None else mx.exp(lp.max())
+                if top.item() < self.min_confidence:
+                    break
             if params.greedy:
                 token = mx.argmax(logits, axis=-1)
             else:
                 self.key, sub = split_key(self.key)
-                lp = log_probs(logits, params)
                 token = draw(lp, sub)
                 logprobs.append(lp)
             tokens.append(token)
             inputs = token.reshape(1, 1).astype(mx.int32)  # the last draft is not fed: the target decides
-        self._drafts = mx.stack(tokens).astype(mx.int32)
+        self._fed_drafts = len(tokens) - 1 if len(tokens) == k else len(tokens)  # an early stop fed them all
+        self._drafts = mx.stack(tokens).astype(mx.int32) if tokens else mx.array([], mx.int32)
         return self._drafts, (mx.stack(logprobs) if logprobs else None)
 
     def commit(self, num_accepted, next_token, hidden=None):
         if self._drafts is None:
             return
-        keep = self._fed - (len(self._drafts) - 1) + num_accepted  # pending + last + accepted drafts
         self.pending = []
-        if keep > self._fed:  # all drafts accepted: the last one was never fed, feed it next round
+        if num_accepted > self._fed_drafts:  # all drafts accepted: the last one was never fed, feed it next round
             self.pending = [int(self._drafts[-1])]
-            keep = self._fed
-        self.cache.commit(keep)
+        self.cache.commit(self._base + min(num_accepted, self._fed_drafts))  # pending + last + accepted drafts
