@@ -58,7 +58,7 @@ class GenerationResult:
     stats: Stats = field(default_factory=Stats)
 
 
-def make_proposer(draft, target, tokenizer=None, seed=None) -> Proposer | None:
+def make_proposer(draft, target, tokenizer=None, seed=None, commit_method="replay") -> Proposer | None:
     if draft is None or isinstance(draft, Proposer):
         proposer = draft
     elif draft == "ngram":
@@ -66,9 +66,9 @@ def make_proposer(draft, target, tokenizer=None, seed=None) -> Proposer | None:
     elif draft == "mtp":  # the target's own multi-token-prediction head
         proposer = MTPProposer(target, seed=seed)
     elif isinstance(draft, (str, Path)):
-        proposer = DraftModelProposer(load_model(draft)[0], seed=seed)
+        proposer = DraftModelProposer(load_model(draft)[0], commit_method, seed=seed)
     else:
-        proposer = DraftModelProposer(draft, seed=seed)
+        proposer = DraftModelProposer(draft, commit_method, seed=seed)
     if proposer is not None and proposer.vocab_size not in (None, target.config.vocab_size):
         raise DraftError(
             f"draft vocabulary size {proposer.vocab_size} does not match the target's "
@@ -109,9 +109,15 @@ def stream_generate(model, tokenizer, prompt, *, draft=None, num_draft_tokens: i
         raise DraftError(f"num_draft_tokens must be an integer in [0, 64] or 'auto', got {num_draft_tokens!r}")
     stops = [s for s in (stop or []) if s]
     ids = encode_prompt(tokenizer, prompt, chat, model.config.max_position_embeddings)
-    proposer = make_proposer(draft, model, tokenizer, seed)
+    proposer = make_proposer(draft, model, tokenizer, seed, commit_method)
     k = num_draft_tokens if proposer is not None else 0
-    room = model.config.max_position_embeddings - len(ids) - (getattr(k, "max_k", 64) if callable(k) else k)
+    draft_slots = getattr(k, "max_k", 64) if callable(k) else k  # a verify window runs this far past the text
+    room = model.config.max_position_embeddings - len(ids) - draft_slots
+    if room < 1:
+        raise PromptError(
+            f"the prompt has {len(ids)} tokens: with {draft_slots} draft positions it leaves no room in the "
+            f"model's context of {model.config.max_position_embeddings} tokens"
+        )
     max_tokens = min(max_tokens, room)
     stats = stats if stats is not None else Stats()
     eos = tokenizer.eos_token_ids | set(model.config.eos_token_id)
