@@ -133,6 +133,8 @@ def plot(report: dict, folder) -> list:
     for name, r in list(report["categories"].items()) + [("overall", report["overall"])]:
         by_pos = r["acceptance_by_position"]
         ax.plot(range(1, len(by_pos) + 1), by_pos, marker="o", label=name, linewidth=3 if name == "overall" else 1)
+    longest = max(len(r["acceptance_by_position"]) for r in report["categories"].values())
+    ax.set_xticks(range(1, longest + 1))
     ax.set(xlabel="draft position", ylabel="acceptance", ylim=(0, 1.05), title="Acceptance by draft position")
     ax.legend(fontsize=8)
     fig.tight_layout()
