@@ -31,3 +31,7 @@ class DraftError(SpecdecError):
 
 class ShapeError(SpecdecError):
     """Arrays handed to a model function have shapes that do not fit together."""
+
+
+class BenchError(SpecdecError):
+    """Benchmark options out of range (unknown arch, bits, sizes)."""
