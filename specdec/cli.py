@@ -32,6 +32,12 @@ def add_sampling(p):
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
+def add_quantize(p):
+    p.add_argument("--quantize", type=int, metavar="BITS",
+                   help="quantize the (float) target to BITS on load: group 64, router gates 8-bit (the draft "
+                   "stays as it is)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="specdec", description="Lossless speculative decoding for Qwen3.5 / Qwen3-Next hybrid MoE models on MLX.",
@@ -53,6 +59,7 @@ def build_parser():
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)")
+    add_quantize(g)
     g.add_argument("--commit-method", choices=["replay", "states"], default="replay",
                    help="how GDN state is rolled back after a rejected draft (default: replay)")
     g.add_argument("--json", action="store_true", help="print the result and stats as JSON")
@@ -73,6 +80,7 @@ def build_parser():
     add_sampling(e)
     e.set_defaults(max_tokens=96)
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)")
+    add_quantize(e)
     e.add_argument("--output", "-o", help="write the JSON report here")
     e.add_argument("--plots", help="folder for PNG plots (needs the `plot` extra)")
     add_bench(sub)
@@ -133,14 +141,14 @@ def cmd_eval(args):
     for f in files:
         rows = read_prompts(f)
         prompts += rows[: args.limit] if args.limit else rows
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, quantize=args.quantize)
     draft = resolve_draft(args.draft, args.model is not None, args.dtype)
     report = evaluate(model, tokenizer, prompts, draft, num_draft_tokens=args.num_draft_tokens,
                       max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                       min_p=args.min_p, seed=args.seed)
     report["settings"] = {"model": args.model or "bundled demo target", "draft": args.draft or "bundled demo draft",
-                          "num_draft_tokens": args.num_draft_tokens, "max_tokens": args.max_tokens,
-                          "temperature": args.temp}
+                          "quantize": args.quantize, "num_draft_tokens": args.num_draft_tokens,
+                          "max_tokens": args.max_tokens, "temperature": args.temp}
     print(format_table(report))
     if args.output:
         with open(args.output, "w") as f:
@@ -157,7 +165,7 @@ def cmd_generate(args):
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:
         raise SpecdecError("no prompt: pass it as an argument or with --prompt")
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, quantize=args.quantize)
     draft = resolve_draft(args.draft, args.model is not None, args.dtype)
     text, tokens, finish = [], 0, None
     stream = not args.json

@@ -30,9 +30,11 @@ def demo_path(which: str = "target") -> Path:
     return Path(str(resources.files("specdec") / "demo" / which))
 
 
-def load(path_or_repo=None, dtype: str | None = None, commit_method: str | None = None):
-    """-> (model, tokenizer). No path loads the bundled demo target."""
-    model, folder, _ = load_model(path_or_repo if path_or_repo is not None else demo_path("target"), dtype)
+def load(path_or_repo=None, dtype: str | None = None, commit_method: str | None = None, quantize: int | None = None):
+    """-> (model, tokenizer). No path loads the bundled demo target. quantize: bits to quantize a float
+    checkpoint to on load (group 64, router gates 8-bit)."""
+    path = path_or_repo if path_or_repo is not None else demo_path("target")
+    model, folder, _ = load_model(path, dtype, quantize=quantize)
     return model, Tokenizer.from_dir(folder)
 
 

@@ -299,11 +299,46 @@ def read_quantization(raw: dict) -> dict | None:
 
 # ------------------------------------------------------------------------------------------------- load
 
-def load_model(path_or_repo, dtype: str | None = None, lazy: bool = False):
-    """-> (Model, folder, mtp_weights). dtype: None keeps the checkpoint's float dtype."""
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)
+QUANTIZE_GROUP_SIZE = 64
+
+
+def check_quantize_bits(bits):
+    if bits not in QUANTIZE_BITS:
+        raise ConfigError(f"quantize must be one of {', '.join(map(str, QUANTIZE_BITS))} bits, got {bits!r}")
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = QUANTIZE_GROUP_SIZE) -> dict:
+    """Quantize a loaded float model in place, as mlx-community converts these models: every Linear,
+    Embedding and expert stack at `bits`, the MoE router (`mlp.gate`) and `shared_expert_gate` at 8 bits
+    (routing decisions are sensitive); matrices whose input size is not a multiple of group_size stay float.
+    -> the quantization block describing it, as read_quantization returns one."""
+    check_quantize_bits(bits)
+    overrides = {}
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        if path.endswith(("mlp.gate", "shared_expert_gate")):
+            overrides[path] = {"group_size": group_size, "bits": 8}
+            return overrides[path]
+        return True
+
+    nn.quantize(model, group_size, bits, class_predicate=predicate)
+    return {"group_size": group_size, "bits": bits, "mode": "affine", "_overrides": overrides}
+
+
+def load_model(path_or_repo, dtype: str | None = None, lazy: bool = False, quantize: int | None = None):
+    """-> (Model, folder, mtp_weights). dtype: None keeps the checkpoint's float dtype. quantize: bits to
+    quantize a float checkpoint to on load (group 64, router gates 8-bit; see quantize_model); the MTP
+    head, if any, stays in float."""
     folder = resolve(path_or_repo)
     cfg, raw = read_config(folder)
     quant = read_quantization(raw)
+    if quantize is not None and quant is not None:
+        raise ConfigError(f"{folder} is already quantized ({quant['bits']} bits); load it without quantize")
+    if quantize is not None:
+        check_quantize_bits(quantize)
     weights, mtp = sanitize(read_safetensors(folder), cfg)
     if quant is None:
         scales = next((k for k in weights if k.endswith(".scales")), None)
@@ -323,6 +358,8 @@ def load_model(path_or_repo, dtype: str | None = None, lazy: bool = False):
 
         nn.quantize(model, class_predicate=predicate)
     check_and_load(model, weights, dtype)
+    if quantize is not None:
+        quant = quantize_model(model, quantize)
     model.mtp_weights = mtp
     model.quantization = quant
     if not lazy:
