@@ -28,6 +28,7 @@ from .cache import COMMIT_METHODS, GDNCache, KVCache, make_cache
 from .drafts import Proposer
 from .engine import PREFILL_STEP, Stats, speculate
 from .errors import BenchError
+from .loading import quantize_model
 from .models.config import ModelConfig
 from .models.layers import SORT_THRESHOLD, ExpertLinear, QuantizedExpertLinear, SparseMoE
 from .models.model import Model
@@ -130,19 +131,10 @@ def arch_config(arch: str, layers: int) -> ModelConfig:
 
 
 def quantize(model: nn.Module, bits: int):
-    """In place, as mlx-community does: every Linear, Embedding and expert stack at `bits`, group 64,
-    the router (`mlp.gate`) and `shared_expert_gate` at 8 bits. bits=16 leaves the model in bfloat16."""
-    if bits == 16:
-        return
-
-    def predicate(path, module):
-        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % GROUP_SIZE:
-            return False
-        if path.endswith(("mlp.gate", "shared_expert_gate")):
-            return {"group_size": GROUP_SIZE, "bits": 8}
-        return True
-
-    nn.quantize(model, GROUP_SIZE, bits, class_predicate=predicate)
+    """In place, as mlx-community does (loading.quantize_model: group 64, router gates 8-bit);
+    bits=16 leaves the model in bfloat16."""
+    if bits != 16:
+        quantize_model(model, bits, GROUP_SIZE)
 
 
 def cast(model: nn.Module, dtype=mx.bfloat16):
