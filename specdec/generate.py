@@ -30,7 +30,7 @@ def demo_path(which: str = "target") -> Path:
     return Path(str(resources.files("specdec") / "demo" / which))
 
 
-def load(path_or_repo=None, dtype: str | None = None, commit_method: str | None = None, quantize: int | None = None):
+def load(path_or_repo=None, dtype: str | None = None, quantize: int | None = None):
     """-> (model, tokenizer). No path loads the bundled demo target. quantize: bits to quantize a float
     checkpoint to on load (group 64, router gates 8-bit)."""
     path = path_or_repo if path_or_repo is not None else demo_path("target")
@@ -68,7 +68,12 @@ def make_proposer(draft, target, tokenizer=None, seed=None, commit_method="repla
     elif draft == "mtp":  # the target's own multi-token-prediction head
         proposer = MTPProposer(target, seed=seed)
     elif isinstance(draft, (str, Path)):
-        proposer = DraftModelProposer(load_model(draft)[0], commit_method, seed=seed)
+        model, folder, _ = load_model(draft)
+        if tokenizer is not None and (folder / "tokenizer.json").exists():
+            same = Tokenizer.from_dir(folder).backend.get_vocab() == tokenizer.backend.get_vocab()
+            if not same:
+                raise DraftError(f"the draft at {draft} has another tokenizer vocabulary than the target")
+        proposer = DraftModelProposer(model, commit_method, seed=seed)
     else:
         proposer = DraftModelProposer(draft, commit_method, seed=seed)
     if proposer is not None and proposer.vocab_size not in (None, target.config.vocab_size):
