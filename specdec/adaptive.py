@@ -102,7 +102,11 @@ class AdaptiveK:
             return t_lo + (low(self.times[hi]) - t_lo) * (s - lo) / (hi - lo)
         if lo == 1:  # nothing but t(1): assume the worst, cost linear in S
             return t_lo * s
-        return t_lo + max(0.0, (t_lo - self.target_time(1)) / (lo - 1)) * (s - lo)
+        # Past the largest measured size, continue the slope of the last measured stretch: exact where a
+        # window costs S steps (CPU), and far less pessimistic than a line from t(1) where the cost bends.
+        below = max(k for k in known if k < lo)
+        slope = (t_lo - low(self.times[below])) / (lo - below)
+        return t_lo + max(0.0, slope) * (s - lo)
 
     @property
     def draft_cost(self) -> float:
