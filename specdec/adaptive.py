@@ -15,8 +15,9 @@ Everything is learned from the rounds the engine runs, so no forward is spent on
 - t(S): a low quantile of the latest timings of S-token windows (other work on the machine only ever adds
   time, so the low end is the cost itself). The first timing of each S is dropped (a new shape can pay
   one-off compilation). Unmeasured sizes are interpolated between measured ones; past the largest, the
-  line from t(1) through it is extended (pessimistic for a GPU's concave cost curve, exact for a CPU,
-  where a window of S tokens costs about S decode steps).
+  slope of the last measured stretch is continued (exact for a CPU, where a window of S tokens costs about
+  S decode steps; still pessimistic for a GPU's concave cost curve, but far less than a line from t(1),
+  which kept the policy from ever trying the longer windows that paid).
 - c: a low quantile of the latest per-token draft times.
 - f_j, a_j: decayed counts, each shrunk toward the position before it (f_1, a_1 toward a prior), so a
   position never tried is assumed to behave like the previous one.
