@@ -22,7 +22,7 @@ import corpus
 PER_CATEGORY = 12
 MAX_TOKENS = 400
 CATEGORIES = ("code_completion", "docstring_to_code", "repetitive_edit", "free_text")
-UNWANTED = re.compile(r"/root|/home/|/work/|pyenv|\t")  # no machine paths, no tab-indented code
+UNWANTED = re.compile(r"/root|/home/|pyenv|\t")  # no machine paths, no tab-indented code
 
 
 def functions(text: str):
