@@ -10,7 +10,7 @@ Each round:
 
 import mlx.core as mx
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, draw, log_probs, split_key
 
 
 class Proposer:
@@ -30,3 +30,13 @@ class Proposer:
     @property
     def vocab_size(self) -> int | None:
         return None
+
+    def pick(self, logits: mx.array, params: SamplingParams, logprobs: mx.array | None = None):
+        """One draft token from a model's logits: argmax when greedy, else a draw (with `self.key`) from the
+        processed distribution q, returned too since acceptance needs it. -> (token int32, q or None)."""
+        if params.greedy:
+            return mx.argmax(logits, axis=-1).astype(mx.int32), None
+        if logprobs is None:
+            logprobs = log_probs(logits, params)
+        self.key, sub = split_key(self.key)
+        return draw(logprobs, sub), logprobs

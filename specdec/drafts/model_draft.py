@@ -9,7 +9,7 @@ import mlx.core as mx
 
 from ..cache import make_cache
 from ..errors import DraftError
-from ..sampling import SamplingParams, draw, log_probs, split_key, make_key
+from ..sampling import SamplingParams, log_probs, make_key
 from .base import Proposer
 
 
@@ -54,11 +54,8 @@ class DraftModelProposer(Proposer):
                 top = mx.softmax(logits.astype(mx.float32)).max() if lp is None else mx.exp(lp.max())
                 if top.item() < self.min_confidence:
                     break
-            if params.greedy:
-                token = mx.argmax(logits, axis=-1)
-            else:
-                self.key, sub = split_key(self.key)
-                token = draw(lp, sub)
+            token, lp = self.pick(logits, params, lp)
+            if lp is not None:
                 logprobs.append(lp)
             tokens.append(token)
             inputs = token.reshape(1, 1).astype(mx.int32)  # the last draft is not fed: the target decides

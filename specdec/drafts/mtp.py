@@ -22,7 +22,7 @@ from ..cache import KVCache
 from ..errors import CheckpointError, DraftError
 from ..loading import check_and_load, quant_params
 from ..models.mtp import MTP
-from ..sampling import SamplingParams, draw, log_probs, make_key, split_key
+from ..sampling import SamplingParams, make_key
 from .base import Proposer
 
 PREFILL_STEP = 2048  # prompt pairs per forward of the head
@@ -125,12 +125,8 @@ class MTPProposer(Proposer):
             if i:  # chain: the head's own output stands in for the target's hidden state
                 out = self._run(drafts[-1].reshape(1, 1), out)
             logits = self.target.logits(out)[0, -1]
-            if params.greedy:
-                token = mx.argmax(logits, axis=-1).astype(mx.int32)
-            else:
-                self.key, sub = split_key(self.key)
-                lp = log_probs(logits, params)
-                token = draw(lp, sub)
+            token, lp = self.pick(logits, params)
+            if lp is not None:
                 logprobs.append(lp)
             drafts.append(token)
         self._drafts = mx.stack(drafts)
