@@ -24,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from .adaptive import AdaptiveK
 from .cache import COMMIT_METHODS, GDNCache, KVCache, make_cache
 from .drafts import Proposer
 from .engine import PREFILL_STEP, Stats, speculate
@@ -31,6 +32,7 @@ from .errors import BenchError
 from .loading import quantize_model
 from .models.config import ModelConfig
 from .models.layers import SORT_THRESHOLD, ExpertLinear, QuantizedExpertLinear, SparseMoE
+from .models import compiled
 from .models.model import Model
 from .sampling import SamplingParams
 
@@ -234,14 +236,15 @@ def restore(cache, saved: list):
             c.offset = s[0]
 
 
-def step_ms(model: Model, cache, S: int, repeats: int, rng) -> float:
+def step_ms(model: Model, cache, S: int, repeats: int, rng, eager: bool = False) -> float:
     """One forward of S tokens inside a window at the cache's position, then commit(0) so the position stays.
-    Only the forward and its mx.eval are timed."""
+    Only the forward and its mx.eval are timed. `eager` bypasses compiled steps."""
     tokens = mx.array([random_tokens(rng, model.config.vocab_size, S)], mx.int32)
+    forward = model.forward if eager else model
 
     def once():
         cache.begin_window()
-        dt = timed(lambda: model(tokens, cache))
+        dt = timed(lambda: forward(tokens, cache))
         cache.commit(0)
         cache.eval()
         return dt
@@ -309,12 +312,18 @@ def window_bytes(cache) -> dict:
 
 
 def measure_commit(model: Model, cache, method: str, repeats: int, rng, window: int = COMMIT_WINDOW) -> dict:
-    """Forward a window of `window` tokens, then time commit(keep) + evaluating the cache, keep = 1..window-1
-    (a rejection somewhere in the window). The window's forward is timed too: "states" makes it emit every state."""
+    """Forward a window of `window` tokens, then commit(keep) for keep = 1..window-1 (a rejection somewhere in
+    the window). Two costs of the commit:
+      - alone: commit + evaluating the cache, timed by itself (an upper bound: it pays a sync of its own);
+      - in a round, as the engine runs it (the commit is evaluated with the next forward): the time of
+        commit + the next 1-token step minus that of the same step after a window that needs no commit.
+    The window's forward is timed too: "states" makes it emit every state."""
     cache = clone_cache(model, cache, method)
-    tokens = mx.array([random_tokens(rng, model.config.vocab_size, window)], mx.int32)
+    vocab = model.config.vocab_size
+    tokens = mx.array([random_tokens(rng, vocab, window)], mx.int32)
+    nxt = mx.array([random_tokens(rng, vocab, 1)], mx.int32)
     start = snapshot(cache)
-    forward, commit, held = [], {keep: [] for keep in range(1, window)}, {}
+    forward, alone, with_step, step_only, held = [], [], [], [], {}
     for r in range(repeats + 1):  # round 0 is the warm-up
         for keep in range(1, window):
             cache.begin_window()
@@ -323,15 +332,31 @@ def measure_commit(model: Model, cache, method: str, repeats: int, rng, window: 
             t0 = time.perf_counter()
             cache.commit(keep)
             cache.eval()
-            dt_commit = time.perf_counter() - t0
+            dt_alone = time.perf_counter() - t0
+            restore(cache, start)
+
+            cache.begin_window()
+            mx.eval(model(tokens, cache))
+            dt_with_step = timed(lambda: (cache.commit(keep), model(nxt, cache))[1])
+            restore(cache, start)
+
+            cache.begin_window()
+            mx.eval(model(tokens, cache))
+            cache.commit(window)  # everything accepted: nothing to undo
+            dt_step_only = timed(lambda: model(nxt, cache))
             restore(cache, start)
             if r:
                 forward.append(dt_forward)
-                commit[keep].append(dt_commit)
+                alone.append(dt_alone)
+                with_step.append(dt_with_step)
+                step_only.append(dt_step_only)
+    ms = lambda xs: 1e3 * statistics.median(xs)
     return {
         "window": window,
-        "window_forward_ms": 1e3 * statistics.median(forward),
-        "commit_ms": {str(k): 1e3 * statistics.median(v) for k, v in commit.items()},
+        "window_forward_ms": ms(forward),
+        "commit_alone_ms": ms(alone),
+        "commit_in_round_ms": max(0.0, ms(with_step) - ms(step_only)),
+        "next_step_ms": ms(step_only),
         "window_bytes": held,
     }
 
@@ -459,8 +484,10 @@ class OracleProposer(Proposer):
     draft's: it is kept in `overhead` for the caller to subtract.
     """
 
-    def __init__(self, model: Model, prompt: list[int], reference: list[int], alpha: float, seed: int = 0):
+    def __init__(self, model: Model, prompt: list[int], reference: list[int], alpha: float, seed: int = 0,
+                 draft_cost_ms: float = 0.0):
         self.model, self.prompt, self.alpha = model, prompt, alpha
+        self.draft_cost_ms = draft_cost_ms  # slept per drafted token: a draft's cost the engine itself sees
         self.reference = list(reference)
         self.rng = np.random.default_rng(seed)
         self.vocab = model.config.vocab_size
@@ -477,6 +504,8 @@ class OracleProposer(Proposer):
         right = self.reference[at : at + k]
         coins = self.rng.random(k) < self.alpha
         self._drafts = [t if ok else (t + 1) % self.vocab for t, ok in zip(right, coins)]
+        if self.draft_cost_ms and k:
+            time.sleep(k * self.draft_cost_ms / 1e3)
         return mx.array(self._drafts, mx.int32), None
 
     def commit(self, num_accepted, next_token, hidden=None):
@@ -511,7 +540,8 @@ def expected_tau(alpha: float, k: int) -> float:
 def measure_speculative(model: Model, prompt: list[int], opts: BenchOptions, draft_cost_ms: float, log) -> dict:
     """Plain decoding (K=0) first: its output is also the oracle's reference. Then every (alpha, K).
     The draft cost is modelled as time added per drafted token (a sequential draft: the target idles)."""
-    need = opts.gen_tokens + max(opts.draft_lengths) + 1
+    auto_tokens = 2 * opts.gen_tokens  # the policy spends its first rounds measuring
+    need = auto_tokens + max(opts.draft_lengths) + 1
     warm, _, _ = run_decode(model, prompt, 2 * max(opts.draft_lengths) + 1)  # warm-up: ops compile on first use
     for k in opts.draft_lengths:
         run_decode(model, prompt, 2 * k, OracleProposer(model, prompt, warm, 1.0), k, opts.commit_method)
@@ -534,6 +564,22 @@ def measure_speculative(model: Model, prompt: list[int], opts: BenchOptions, dra
             })
             log(f"  alpha {alpha} K {k}: tau {stats.tau:.2f}, {len(out) / seconds:.1f} tok/s, "
                 f"x{runs[-1]['speedup']:.2f} (x{runs[-1]['speedup_with_draft_cost']:.2f} with draft cost)")
+        # K chosen by the engine (AdaptiveK), at zero draft cost and with the draft cost slept for real
+        auto = {}
+        for cost in (0.0, draft_cost_ms):
+            oracle = OracleProposer(model, prompt, reference, alpha, opts.seed, draft_cost_ms=cost)
+            policy = AdaptiveK(max_k=max(opts.draft_lengths))
+            out, seconds, stats = run_decode(model, prompt, auto_tokens, oracle, policy, opts.commit_method)
+            auto[cost] = (len(out) / seconds, stats)
+        (tps, stats), (tps_cost, _) = auto[0.0], auto[draft_cost_ms]
+        runs.append({
+            "alpha": alpha, "K": "auto", "mean_K": stats.drafted / stats.rounds, "tokens": auto_tokens,
+            "rounds": stats.rounds, "acceptance": stats.acceptance_rate, "tau": stats.tau, "tau_expected": None,
+            "resyncs": None, "tokens_per_s": tps, "speedup": tps / baseline,
+            "tokens_per_s_with_draft_cost": tps_cost, "speedup_with_draft_cost": tps_cost / baseline,
+        })
+        log(f"  alpha {alpha} K auto (mean {runs[-1]['mean_K']:.1f}): tau {stats.tau:.2f}, {tps:.1f} tok/s, "
+            f"x{tps / baseline:.2f} (x{tps_cost / baseline:.2f} with draft cost)")
     return {
         "baseline_tokens_per_s": baseline, "baseline_tokens": len(reference), "draft_cost_ms": draft_cost_ms,
         "draft_cost_model": "sequential: draft_cost_ms added per drafted token",
@@ -739,7 +785,7 @@ def run_bench(opts: BenchOptions, log=print, on_section=None) -> dict:
     report = {"meta": {
         "arch": opts.arch, "layers": opts.layers, "layer_types": cfg.layer_types, "bits": opts.bits,
         "context": opts.context, "device": name, "mlx": mx.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "options": asdict(opts),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "options": asdict(opts), "compiled_steps": compiled.enabled(),
     }}
 
     t0 = time.perf_counter()
@@ -765,16 +811,19 @@ def run_bench(opts: BenchOptions, log=print, on_section=None) -> dict:
     report["step"] = []
     for S in opts.step_sizes:
         ms = step_ms(model, cache, S, opts.repeats, rng)
-        report["step"].append({"S": S, "ms": ms, "ms_per_token": ms / S})
-        log(f"step S={S}: {ms:.2f} ms")
+        row = {"S": S, "ms": ms, "ms_per_token": ms / S}
+        if report["meta"]["compiled_steps"]:  # what compiling the step gains
+            row["eager_ms"] = step_ms(model, cache, S, opts.repeats, rng, eager=True)
+        report["step"].append(row)
+        log(f"step S={S}: {ms:.2f} ms" + (f" (eager {row['eager_ms']:.2f} ms)" if "eager_ms" in row else ""))
     report["consistency"] = window_consistency(model, cache, COMMIT_WINDOW, rng)
     log(f"window vs one-by-one forwards: {report['consistency']}")
     section(report)
 
     report["commit"] = {m: measure_commit(model, cache, m, opts.repeats, rng) for m in COMMIT_METHODS}
     for m, row in report["commit"].items():
-        log(f"commit {m}: forward {row['window_forward_ms']:.2f} ms, commit {row['commit_ms']} ms, "
-            f"holds {row['window_bytes']['total'] / 2**20:.1f} MiB")
+        log(f"commit {m}: forward {row['window_forward_ms']:.2f} ms, commit alone {row['commit_alone_ms']:.3f} ms, "
+            f"in a round {row['commit_in_round_ms']:.3f} ms, holds {row['window_bytes']['total'] / 2**20:.1f} MiB")
     section(report)
 
     report["moe"] = measure_moe(model, sorted({1, 16}), opts.repeats)
@@ -816,6 +865,8 @@ def run_bench(opts: BenchOptions, log=print, on_section=None) -> dict:
         if lm.get("decode_tokens_per_s"):
             ours_tps = report["speculative"]["baseline_tokens_per_s"]
             lm["plain_decode_ours_over_mlx_lm"] = ours_tps / lm["decode_tokens_per_s"]
+            for r in report["speculative"]["runs"]:  # speculative tokens/s against mlx-lm's plain decoding
+                r["over_mlx_lm"] = r["tokens_per_s"] / lm["decode_tokens_per_s"]
         ours = {row["tokens"]: row["seconds"] for row in report["prefill"]}
         for row in lm.get("prefill", []):
             if row["tokens"] in ours:
@@ -843,15 +894,17 @@ def format_table(report: dict) -> str:
         extra = f"{t:>10.3f}{row['seconds'] / t:>13.3f}" if t else f"{'-':>10}{'-':>13}"
         lines.append(f"{'':<10}{row['tokens']:>8}{row['seconds']:>10.3f}{row['tokens_per_s']:>10.0f}{extra}")
     theirs_step = {row["S"]: row["ms"] for row in lm.get("step", [])}
-    lines.append(f"{'step':<10}{'S':>8}{'ours ms':>10}{'ms/token':>10}{'mlx-lm ms':>10}{'ours/mlx-lm':>13}")
+    lines.append(f"{'step':<10}{'S':>8}{'ours ms':>10}{'ms/token':>10}{'eager ms':>10}{'mlx-lm ms':>10}"
+                 f"{'ours/mlx-lm':>13}")
     for row in report["step"]:
         t = theirs_step.get(row["S"])
         extra = f"{t:>10.2f}{row['ms'] / t:>13.2f}" if t else f"{'-':>10}{'-':>13}"
-        lines.append(f"{'':<10}{row['S']:>8}{row['ms']:>10.2f}{row['ms_per_token']:>10.2f}{extra}")
+        eager = f"{row['eager_ms']:>10.2f}" if "eager_ms" in row else f"{'-':>10}"
+        lines.append(f"{'':<10}{row['S']:>8}{row['ms']:>10.2f}{row['ms_per_token']:>10.2f}{eager}{extra}")
     for m, row in report["commit"].items():
-        commits = " ".join(f"{k}:{v:.3f}" for k, v in row["commit_ms"].items())
-        lines.append(f"commit {m:<7} window S={row['window']} forward {row['window_forward_ms']:.2f} ms; "
-                     f"commit ms by keep {commits}; holds {row['window_bytes']['total'] / 2**20:.2f} MiB")
+        lines.append(f"commit {m:<7} window S={row['window']} forward {row['window_forward_ms']:.2f} ms; commit "
+                     f"alone {row['commit_alone_ms']:.3f} ms, in a round {row['commit_in_round_ms']:.3f} ms "
+                     f"(next step {row['next_step_ms']:.2f} ms); holds {row['window_bytes']['total'] / 2**20:.2f} MiB")
     for row in report["moe"]:
         lines.append(f"MoE layer S={row['S']:<3} fused {row['fused_ms']:.3f} ms, separate gate/up "
                      f"{row['unfused_ms']:.3f} ms (fused x{row['fused_speedup']:.2f})")
@@ -870,11 +923,14 @@ def format_table(report: dict) -> str:
         decode += (f"; mlx-lm {lm['decode_tokens_per_s']:.1f} tok/s "
                    f"(ours/mlx-lm {lm['plain_decode_ours_over_mlx_lm']:.2f})")
     lines.append(decode)
-    lines.append(f"{'alpha':>6}{'K':>4}{'tau':>7}{'E[tau]':>8}{'tok/s':>9}{'speedup':>9}"
-                 f"{'w/ draft':>10}{'resyncs':>9}  (draft cost {spec['draft_cost_ms']:.3f} ms/token)")
+    lines.append(f"{'alpha':>6}{'K':>5}{'tau':>7}{'E[tau]':>8}{'tok/s':>9}{'speedup':>9}"
+                 f"{'w/ draft':>10}{'resyncs':>9}{'/mlx-lm':>9}  (draft cost {spec['draft_cost_ms']:.3f} ms/token; "
+                 f"speedup over our plain decoding, /mlx-lm over mlx-lm's)")
     for r in spec["runs"]:
-        lines.append(f"{r['alpha']:>6}{r['K']:>4}{r['tau']:>7.2f}{r['tau_expected']:>8.2f}{r['tokens_per_s']:>9.1f}"
-                     f"{r['speedup']:>9.2f}{r['speedup_with_draft_cost']:>10.2f}{r['resyncs']:>9}")
+        expected = f"{r['tau_expected']:>8.2f}" if r["tau_expected"] else f"{'-':>8}"
+        over = f"{r['over_mlx_lm']:>9.2f}" if "over_mlx_lm" in r else f"{'-':>9}"
+        lines.append(f"{r['alpha']:>6}{r['K']:>5}{r['tau']:>7.2f}{expected}{r['tokens_per_s']:>9.1f}"
+                     f"{r['speedup']:>9.2f}{r['speedup_with_draft_cost']:>10.2f}{r['resyncs'] or 0:>9}{over}")
     if "logits_check" in lm:
         c = lm["logits_check"]
         lines.append(f"mlx-lm logits vs ours: max |diff| {c['max_abs_diff']:.3g} (max |logit| "

@@ -16,7 +16,7 @@ tokens had been processed. The model is never run again for this:
 
 import mlx.core as mx
 
-from .models.gdn import gdn_replay
+from .models.gdn import gdn_replay_window
 
 COMMIT_METHODS = ("replay", "states")
 
@@ -32,19 +32,38 @@ class KVCache:
     def update_and_fetch(self, k, v):
         B, H, S, D = k.shape
         prev = self.offset
-        if self.keys is None or prev + S > self.keys.shape[2]:
-            grow = ((S + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), k.dtype)
-            new_v = mx.zeros((B, H, grow, v.shape[3]), v.dtype)
-            if self.keys is not None:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-            else:
-                self.keys, self.values = new_k, new_v
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, 0, D), k.dtype)
+            self.values = mx.zeros((B, H, 0, v.shape[3]), v.dtype)
+        if prev + S > self.capacity:
+            self.reserve(prev + S)
         self.offset += S
         self.keys[..., prev : self.offset, :] = k
         self.values[..., prev : self.offset, :] = v
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def mask(self, S: int):
+        """The attention mask for S new queries over the keys update_and_fetch returned."""
+        return "causal" if S > 1 else None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reserve(self, n: int, double: bool = False):
+        """Room for n positions, in whole steps; with `double` at least twice the current room, so that
+        compiled steps (whose trace depends on the buffer's size) are retraced only a few times."""
+        if n <= self.capacity:
+            return
+        size = -(-n // self.step) * self.step
+        if double:
+            size = max(size, 2 * self.capacity)
+
+        def grown(buf):
+            pad = mx.zeros((*buf.shape[:2], size - self.offset, buf.shape[3]), buf.dtype)
+            return mx.concatenate([buf[..., : self.offset, :], pad], axis=2)
+
+        self.keys, self.values = grown(self.keys), grown(self.values)
 
     def trim(self, n: int):
         n = min(self.offset, n)
@@ -117,8 +136,8 @@ class GDNCache:
         elif self.method == "states":
             self.state = mx.concatenate(w["states"], axis=1)[:, keep - 1]
         else:
-            k, v, g, beta = (mx.concatenate(parts, axis=1) for parts in zip(*w["tape"]))
-            self.state = gdn_replay(k, v, g, beta, w["state"], keep)
+            k, v, g, beta = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1) for parts in zip(*w["tape"]))
+            self.state = gdn_replay_window(k, v, g, beta, w["state"], keep)
 
 
 class ModelCache(list):
@@ -136,14 +155,22 @@ class ModelCache(list):
     def offset(self) -> int:
         return self[0].offset
 
-    def eval(self):
+    @property
+    def filled(self) -> bool:
+        """Every layer holds state (the prompt went in): what compiled steps need."""
+        return all((c.keys if isinstance(c, KVCache) else c.state) is not None for c in self)
+
+    def arrays(self) -> list:
         arrays = []
         for c in self:
             if isinstance(c, KVCache) and c.keys is not None:
                 arrays += [c.keys, c.values]
             elif isinstance(c, GDNCache) and c.state is not None:
                 arrays += [c.conv_state, c.state]
-        mx.eval(arrays)
+        return arrays
+
+    def eval(self):
+        mx.eval(self.arrays())
 
 
 def make_cache(model, commit_method: str = "replay") -> ModelCache:

@@ -98,6 +98,11 @@ def add_bench(sub):
     b.add_argument("--bits", type=int, default=4, help="3 | 4 | 8 (group 64, router 8-bit) | 16 (bfloat16)")
     b.add_argument("--context", type=int, default=1024, help="tokens in the cache while timing steps (default 1024)")
     b.add_argument("--prefill", type=int, nargs="+", default=[1024, 4096], help="prompt lengths to time")
+    b.add_argument("--step-sizes", type=int, nargs="+", default=list(range(1, 17)), help="S to time (default 1..16)")
+    b.add_argument("--alphas", type=float, nargs="+", default=[0.6, 0.8, 0.9],
+                   help="acceptance probabilities of the oracle draft (default 0.6 0.8 0.9)")
+    b.add_argument("--draft-lengths", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="fixed K of the oracle runs, the largest also bounds auto K (default 1 2 4 8)")
     b.add_argument("--repeats", type=int, default=20, help="median of this many (default 20)")
     b.add_argument("--gen-tokens", type=int, default=128, help="tokens per end-to-end run (default 128)")
     b.add_argument("--draft-cost-ms", type=float, help="draft time per drafted token (default: 1/10 of a target step)")
@@ -203,6 +208,7 @@ def cmd_bench(args):
 
     opts = BenchOptions(
         arch=args.arch, layers=args.layers, bits=args.bits, context=args.context, prefill=tuple(args.prefill),
+        step_sizes=tuple(args.step_sizes), alphas=tuple(args.alphas), draft_lengths=tuple(args.draft_lengths),
         repeats=args.repeats, gen_tokens=args.gen_tokens, draft_cost_ms=args.draft_cost_ms,
         commit_method=args.commit_method, mlx_lm=not args.no_mlx_lm, mlx_lm_max_prefill=args.mlx_lm_max_prefill,
         bandwidth_gbs=args.bandwidth_gbs, seed=args.seed,

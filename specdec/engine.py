@@ -121,7 +121,7 @@ def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, 
             cache.commit(n + 1)
         if proposer is not None:
             proposer.commit(n, next_token, hidden[:, : n + 1] if want_hidden else None)
-        cache.eval()
+        mx.async_eval(cache.arrays())  # the commit runs on the device while the next round is drafted
         t3 = time.perf_counter()
 
         emitted = drafts[:n].tolist() + [next_token]

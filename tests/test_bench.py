@@ -29,7 +29,7 @@ def timed_numbers(tree, key=""):
     elif isinstance(tree, list):
         for v in tree:
             yield from timed_numbers(v, key)
-    elif key.endswith(TIMED) or key in ("1", "2", "3", "4"):  # commit_ms by keep
+    elif key.endswith(TIMED):
         yield key, tree
 
 
@@ -45,7 +45,7 @@ def test_cli_report(tmp_path, capsys):
     assert [r["S"] for r in report["step"]] == [1, 2, 4, 8, 16]
     assert set(report["commit"]) == {"replay", "states"}
     for row in report["commit"].values():
-        assert set(row["commit_ms"]) == {"1", "2", "3", "4"}
+        assert row["commit_alone_ms"] > 0 and row["commit_in_round_ms"] >= 0
         assert row["window_bytes"]["total"] == sum(v for k, v in row["window_bytes"].items() if k != "total")
     assert report["commit"]["replay"]["window_bytes"]["states"] == 0
     assert report["commit"]["states"]["window_bytes"]["tape"] == 0
@@ -59,10 +59,13 @@ def test_cli_report(tmp_path, capsys):
     assert bw["bytes"]["total"] == sum(v for k, v in bw["bytes"].items() if k != "total")
 
     spec = report["speculative"]
-    assert [(r["alpha"], r["K"]) for r in spec["runs"]] == [(0.8, 1), (0.8, 4)]
+    assert [(r["alpha"], r["K"]) for r in spec["runs"]] == [(0.8, 1), (0.8, 4), (0.8, "auto")]
     for r in spec["runs"]:
-        assert r["tokens"] >= 8 and 1 <= r["tau"] <= r["K"] + 1
-        assert r["tokens_per_s_with_draft_cost"] < r["tokens_per_s"]
+        max_k = 4 if r["K"] == "auto" else r["K"]
+        assert r["tokens"] >= 8 and 1 <= r["tau"] <= max_k + 1
+        if r["K"] != "auto":  # the same run with its draft cost added (auto K runs twice: no such order)
+            assert r["tokens_per_s_with_draft_cost"] < r["tokens_per_s"]
+    assert 0 <= spec["runs"][-1]["mean_K"] <= 4
 
     lm = report["mlx_lm"]
     if "skipped" not in lm:
@@ -72,7 +75,8 @@ def test_cli_report(tmp_path, capsys):
         assert [r["S"] for r in lm["step"]] == [1, 2, 4, 8, 16] and [r["tokens"] for r in lm["prefill"]] == [24]
 
     numbers = [(k, v) for k, v in timed_numbers({k: v for k, v in report.items() if k != "meta"})
-               if k not in ("nominal_gbs", "states", "tape")]  # unknown off GPUs; one method holds no tape/states
+               # unknown off GPUs; one method holds no tape/states; a difference of two timings, may be 0
+               if k not in ("nominal_gbs", "states", "tape", "commit_in_round_ms")]
     assert len(numbers) > 40 and all(isinstance(v, (int, float)) and v > 0 for _, v in numbers), numbers
     table = capsys.readouterr().out
     assert "step" in table and "alpha" in table and "bandwidth" in table

@@ -99,11 +99,16 @@ def _pick_recurrence():
     return _recurrence_ops
 
 
-def _recurrence(*args):
+def prepare():
+    """Pick the token loop's implementation now (the pick may run a self-check: not inside a compiled trace)."""
     global _recurrence_impl
     if _recurrence_impl is None:
         _recurrence_impl = _pick_recurrence()
-    return _recurrence_impl(*args)
+    return _recurrence_impl
+
+
+def _recurrence(*args):
+    return prepare()(*args)
 
 
 _recurrence_impl = None  # chosen on first use
@@ -136,6 +141,26 @@ def gdn_replay(k, v, g, beta, state, n: int):
     k = _per_value_head(k[:, :n], Hv)
     _, state, _ = _recurrence(None, *_f32(k, v[:, :n], g[:, :n], beta[:, :n]), state, False)
     return state
+
+
+def _replay_masked(k, v, g, beta, state, keep):
+    # Steps at and after `keep` get g = 0 and beta = 0, which leaves the state exactly as it is (S * 1 + k * 0),
+    # so one trace per window size serves every keep.
+    live = mx.arange(v.shape[1])[None, :, None] < keep
+    return gdn_replay(k, v, mx.where(live, g, 0.0), mx.where(live, beta, 0.0), state, v.shape[1])
+
+
+_replay_compiled = mx.compile(_replay_masked)
+
+
+def gdn_replay_window(k, v, g, beta, state, keep: int):
+    """gdn_replay(..., n=keep) as one compiled call (a commit is on the path of every speculative round)."""
+    _check(k, v, g, beta, state)
+    if not 0 <= keep <= v.shape[1]:
+        raise ShapeError(f"GDN replay: keep={keep} is outside 0..{v.shape[1]}")
+    prepare()  # not inside the trace
+    B, _, Hv, Dv = v.shape
+    return _replay_compiled(k, v, g, beta, _initial(state, B, Hv, k.shape[-1], Dv), mx.array(keep, mx.int32))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Parameter names follow the Hugging Face checkpoints, so loading needs only a few
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import compiled
 from .config import ModelConfig
 from .gdn import gdn
 from .layers import MLP, Attention, RMSNorm, SparseMoE
@@ -147,6 +148,7 @@ class Model(nn.Module):
         self.model = Backbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._steps = compiled.CompiledSteps(self)
 
     def logits(self, h):
         if self.config.tie_word_embeddings:
@@ -154,6 +156,12 @@ class Model(nn.Module):
         return self.lm_head(h)
 
     def __call__(self, tokens, cache=None, return_hidden=False):
+        """Decode and verify steps on a filled cache run as compiled graphs where that pays (see compiled.py)."""
+        if cache is not None and compiled.enabled() and self._steps.accepts(tokens, cache):
+            return self._steps(tokens, cache, return_hidden)
+        return self.forward(tokens, cache, return_hidden)
+
+    def forward(self, tokens, cache=None, return_hidden=False):
         h = self.model(tokens, cache)
         normed = self.model.norm(h)
         logits = self.logits(normed)

@@ -1,0 +1,73 @@
+"""Compiled steps (specdec/models/compiled.py) against the eager forward they replace: the same logits and
+hidden states, the same caches after every commit, and speculative output equal to plain greedy decoding.
+They run by default on GPUs only, so CI turns them on here (SPECDEC_COMPILE=1) on the CPU."""
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from specdec.cache import KVCache, make_cache
+from specdec.drafts import DraftModelProposer
+from specdec.models import compiled
+from test_engine import METHODS, assert_matches_greedy, noisy_copy, random_prompt, run
+
+
+@pytest.fixture
+def compiled_steps(monkeypatch):
+    monkeypatch.setenv("SPECDEC_COMPILE", "1")
+    assert compiled.enabled()
+
+
+def cache_arrays(cache):
+    """What each layer holds, KV buffers cut to their offset."""
+    out = []
+    for c in cache:
+        out += list(c.state) if isinstance(c, KVCache) else [c.conv_state, c.state]
+    return out
+
+
+@pytest.mark.parametrize("target", ["moe", "next"])
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_step_equals_eager(tiny, target, method, compiled_steps):
+    """Windows of 1..12 tokens with random commits, past a KV buffer growth (offset 250 -> ~400): every
+    step's logits and hidden states, and every cache after its commit, equal the eager path's."""
+    model = tiny.model(target)
+    rng = random.Random(3)
+    prompt = random_prompt(250, seed=5)
+    eager, fast = make_cache(model, method), make_cache(model, method)
+    for cache in (eager, fast):
+        model.forward(mx.array([prompt]), cache)
+    for step in range(24):
+        S = rng.randint(1, 12)
+        tokens = mx.array([random_prompt(S, seed=step)])
+        keep = rng.randint(0, S) if step % 3 else S  # every third window is kept whole
+        eager.begin_window(), fast.begin_window()
+        want = model.forward(tokens, eager, return_hidden=True)
+        got = model(tokens, fast, return_hidden=True)
+        for a, b in zip(want, got):
+            assert mx.allclose(a, b, rtol=1e-5, atol=1e-5).item(), f"step {step}, S={S}"
+        eager.commit(keep), fast.commit(keep)
+        assert eager.offset == fast.offset
+        for a, b in zip(cache_arrays(eager), cache_arrays(fast)):
+            assert a.shape == b.shape and mx.allclose(a, b, rtol=1e-5, atol=1e-5).item(), f"after step {step}"
+    assert model._steps._fns, "the compiled path did not run"
+    assert max(c.capacity for c in fast if isinstance(c, KVCache)) >= 512  # the buffer grew on the way
+
+
+@pytest.mark.parametrize("draft", ["hybrid", "noisy"])
+def test_compiled_speculation_is_lossless(tiny, draft, monkeypatch):
+    """Speculative decoding through compiled steps (target and draft) gives the tokens of eager plain greedy
+    decoding."""
+    target = tiny.model("moe")
+    rng = random.Random(11)
+    for case in range(4):
+        prompt = random_prompt(rng.randint(1, 120), seed=case)
+        n_new, k, method = rng.randint(20, 90), rng.randint(1, 8), rng.choice(METHODS)
+        monkeypatch.setenv("SPECDEC_COMPILE", "0")
+        reference = [int(t) for t in run(target, prompt, n_new + 8)]
+        monkeypatch.setenv("SPECDEC_COMPILE", "1")
+        model = noisy_copy(tiny.path("moe"), 0.01, seed=case) if draft == "noisy" else tiny.model(draft)
+        got = run(target, prompt, n_new, DraftModelProposer(model, method, min_confidence=0), k, method)
+        assert_matches_greedy(target, prompt, got[: n_new + 8], reference, f"case {case}, K={k}, {method}")
