@@ -13,6 +13,7 @@ Everything runs in one process on a target with real layer shapes and random wei
 Timings are time.perf_counter around mx.eval, after a warm-up, median of repeats.
 """
 
+import itertools
 import json
 import statistics
 import time
@@ -542,9 +543,13 @@ def measure_speculative(model: Model, prompt: list[int], opts: BenchOptions, dra
     The draft cost is modelled as time added per drafted token (a sequential draft: the target idles)."""
     auto_tokens = 2 * opts.gen_tokens  # the policy spends its first rounds measuring
     need = auto_tokens + max(opts.draft_lengths) + 1
-    warm, _, _ = run_decode(model, prompt, 2 * max(opts.draft_lengths) + 1)  # warm-up: ops compile on first use
-    for k in opts.draft_lengths:
-        run_decode(model, prompt, 2 * k, OracleProposer(model, prompt, warm, 1.0), k, opts.commit_method)
+    # Warm-up: kernels and compiled steps are built on first use, per window size; every K up to the largest,
+    # with rejections, so that commits of every window size are built too.
+    max_k = max(opts.draft_lengths)
+    warm, _, _ = run_decode(model, prompt, 2 * max_k + 1)
+    ks = itertools.cycle(range(max_k + 1))
+    run_decode(model, prompt, 6 * (max_k + 1), OracleProposer(model, prompt, warm, 0.5), lambda: next(ks),
+               opts.commit_method)
     reference, seconds, _ = run_decode(model, prompt, need)
     baseline = len(reference) / seconds
     log(f"  plain decoding: {baseline:.1f} tok/s")

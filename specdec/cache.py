@@ -16,7 +16,8 @@ tokens had been processed. The model is never run again for this:
 
 import mlx.core as mx
 
-from .models.gdn import gdn_replay_window
+from .models.gdn import prepare as prepare_gdn
+from .models.gdn import replay_masked
 
 COMMIT_METHODS = ("replay", "states")
 
@@ -121,23 +122,60 @@ class GDNCache:
         self.offset += S
 
     def commit(self, keep: int):
+        commit_gdn([self], keep)
+
+    def _close_window(self, keep: int):
+        """End the window at `keep` tokens: the arrays the rewind needs, or None when everything is kept."""
         w, self._window = self._window, None
         processed = sum(x.shape[1] for x in w["inputs"])
         if not 0 <= keep <= processed:
             raise ValueError(f"commit keeps {keep} of {processed} window tokens")
         self.offset -= processed - keep
         if keep == processed:
-            return
-        history = mx.concatenate([w["conv"], *w["inputs"]], axis=1)
-        k1 = w["conv"].shape[1]
-        self.conv_state = history[:, keep : keep + k1]
-        if keep == 0:
-            self.state = w["state"]
-        elif self.method == "states":
-            self.state = mx.concatenate(w["states"], axis=1)[:, keep - 1]
+            return None
+        cat = lambda parts: parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+        inputs = cat(w["inputs"])
+        if self.method == "states":
+            extra = (cat(w["states"]),)
+            B, _, H, Dk, Dv = extra[0].shape
         else:
-            k, v, g, beta = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1) for parts in zip(*w["tape"]))
-            self.state = gdn_replay_window(k, v, g, beta, w["state"], keep)
+            extra = tuple(cat(parts) for parts in zip(*w["tape"]))  # k, v, g, beta
+            B, _, H, Dv = extra[1].shape
+            Dk = extra[0].shape[-1]
+        saved = w["state"] if w["state"] is not None else mx.zeros((B, H, Dk, Dv), mx.float32)
+        return (w["conv"], inputs, saved) + extra
+
+
+def _rewind(keep, windows):
+    """Per GDN layer, the conv window and state after the first `keep` window tokens (keep an array, so one
+    trace serves every keep)."""
+    out = []
+    for conv, inputs, saved, *extra in windows:
+        history = mx.concatenate([conv, inputs], axis=1)
+        conv_state = mx.slice(history, keep.reshape(1), axes=(1,), slice_size=conv.shape)
+        if len(extra) == 1:  # "states": the state after step keep-1, or the saved one for keep = 0
+            picked = mx.take(extra[0], mx.maximum(keep - 1, 0), axis=1)
+            state = mx.where(keep > 0, picked, saved)
+        else:
+            state = replay_masked(*extra, saved, keep)
+        out.append((conv_state, state))
+    return out
+
+
+_rewind_compiled = mx.compile(_rewind)
+
+
+def commit_gdn(layers: list, keep: int):
+    """Commit GDN layers' windows at `keep` tokens, all layers in one compiled call: a commit is on the path
+    of every speculative round, and as separate small operations it would cost a dozen launches per layer."""
+    windows = [c._close_window(keep) for c in layers]
+    todo = [(c, w) for c, w in zip(layers, windows) if w is not None]
+    if not todo:
+        return
+    prepare_gdn()  # the GDN kernel's self-check evaluates arrays: not inside a trace
+    rewound = _rewind_compiled(mx.array(keep, mx.int32), [w for _, w in todo])
+    for (c, _), (conv_state, state) in zip(todo, rewound):
+        c.conv_state, c.state = conv_state, state
 
 
 class ModelCache(list):
@@ -149,7 +187,9 @@ class ModelCache(list):
 
     def commit(self, keep: int):
         for c in self:
-            c.commit(keep)
+            if isinstance(c, KVCache):
+                c.commit(keep)
+        commit_gdn([c for c in self if isinstance(c, GDNCache)], keep)
 
     @property
     def offset(self) -> int:

@@ -46,10 +46,6 @@ def _check(k, v, g, beta, state, q=None):
         raise ShapeError(f"GDN: state must be {(B, Hv, Dk, Dv)}, got {state.shape}")
 
 
-def _f32(*xs):
-    return [x.astype(mx.float32) for x in xs]
-
-
 def _per_value_head(x, Hv):
     """[B, S, Hk, D] -> [B, S, Hv, D]: each k-head serves Hv // Hk consecutive v-heads."""
     return x if x.shape[2] == Hv else mx.repeat(x, Hv // x.shape[2], axis=2)
@@ -72,8 +68,13 @@ def gdn_step(state, k, v, g, beta):
 
 
 def _recurrence_ops(q, k, v, g, beta, state, keep_states):
-    """Python loop over tokens. Inputs float32 with k-heads already matched to v-heads; q None means no outputs.
-    Returns (out [B, S, H, Dv] or None, final state, per-step states [B, S, H, Dk, Dv] or None)."""
+    """Python loop over tokens. q, k [B, S, Hk, Dk]; v [B, S, Hv, Dv]; g, beta [B, S, Hv]; state float32;
+    q None means no outputs. Returns (out [B, S, Hv, Dv] in v.dtype or None, final state, per-step states
+    [B, S, Hv, Dk, Dv] or None); the kernel in gdn_cuda.py keeps the same contract."""
+    Hv, out_dtype = v.shape[2], v.dtype
+    k = _per_value_head(k, Hv)
+    q = _per_value_head(q, Hv) if q is not None else None
+    q, k, v, g, beta = (x if x is None else x.astype(mx.float32) for x in (q, k, v, g, beta))
     outs, states = [], []
     for t in range(v.shape[1]):
         state = gdn_step(state, k[:, t], v[:, t], g[:, t], beta[:, t])
@@ -81,7 +82,7 @@ def _recurrence_ops(q, k, v, g, beta, state, keep_states):
             outs.append((q[:, t, :, None, :] @ state)[..., 0, :])
         if keep_states:
             states.append(state)
-    out = mx.stack(outs, axis=1) if q is not None else None
+    out = mx.stack(outs, axis=1).astype(out_dtype) if q is not None else None
     return out, state, (mx.stack(states, axis=1) if keep_states else None)
 
 
@@ -121,10 +122,7 @@ def gdn_recurrent(q, k, v, g, beta, state=None, *, return_states=False):
     B, S, Hv, Dv = v.shape
     if S == 0:
         raise ShapeError("GDN: empty sequence (S == 0)")
-    Dk = k.shape[-1]
-    q, k = _per_value_head(q, Hv), _per_value_head(k, Hv)
-    out, state, states = _recurrence(*_f32(q, k, v, g, beta), _initial(state, B, Hv, Dk, Dv), return_states)
-    out = out.astype(v.dtype)
+    out, state, states = _recurrence(q, k, v, g, beta, _initial(state, B, Hv, k.shape[-1], Dv), return_states)
     return (out, state, states) if return_states else (out, state)
 
 
@@ -138,29 +136,17 @@ def gdn_replay(k, v, g, beta, state, n: int):
     state = _initial(state, B, Hv, k.shape[-1], Dv)
     if n == 0:
         return state
-    k = _per_value_head(k[:, :n], Hv)
-    _, state, _ = _recurrence(None, *_f32(k, v[:, :n], g[:, :n], beta[:, :n]), state, False)
+    if n < S:
+        k, v, g, beta = k[:, :n], v[:, :n], g[:, :n], beta[:, :n]
+    _, state, _ = _recurrence(None, k, v, g, beta, state, False)
     return state
 
 
-def _replay_masked(k, v, g, beta, state, keep):
-    # Steps at and after `keep` get g = 0 and beta = 0, which leaves the state exactly as it is (S * 1 + k * 0),
-    # so one trace per window size serves every keep.
+def replay_masked(k, v, g, beta, state, keep):
+    """gdn_replay(..., n=keep) with keep an array, for compiled commits: the steps from `keep` on get g = 0 and
+    beta = 0, which leaves the state exactly as it is (S * 1 + k * 0), so one trace serves every keep."""
     live = mx.arange(v.shape[1])[None, :, None] < keep
     return gdn_replay(k, v, mx.where(live, g, 0.0), mx.where(live, beta, 0.0), state, v.shape[1])
-
-
-_replay_compiled = mx.compile(_replay_masked)
-
-
-def gdn_replay_window(k, v, g, beta, state, keep: int):
-    """gdn_replay(..., n=keep) as one compiled call (a commit is on the path of every speculative round)."""
-    _check(k, v, g, beta, state)
-    if not 0 <= keep <= v.shape[1]:
-        raise ShapeError(f"GDN replay: keep={keep} is outside 0..{v.shape[1]}")
-    prepare()  # not inside the trace
-    B, _, Hv, Dv = v.shape
-    return _replay_compiled(k, v, g, beta, _initial(state, B, Hv, k.shape[-1], Dv), mx.array(keep, mx.int32))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -195,13 +195,18 @@ class SparseMoE(nn.Module):
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
-        k = self.top_k
-        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k])
-        scores = mx.take_along_axis(probs, indices, axis=-1)
+        logits = self.gate(x).astype(mx.float32)
+        E, k = logits.shape[-1], self.top_k
+        # The k largest router logits are the k largest probabilities. Renormalised over those k, the
+        # probabilities are the softmax of their logits (the full softmax's denominator cancels).
+        indices = mx.argpartition(logits, kth=E - k, axis=-1)[:, E - k :]
+        top = mx.take_along_axis(logits, indices, axis=-1)
         if self.norm_topk_prob:
-            scores = scores / scores.sum(axis=-1, keepdims=True)
-        y = (self.experts(x, indices) * scores[..., None].astype(x.dtype)).sum(axis=-2)
+            scores = mx.softmax(top, axis=-1)
+        else:
+            scores = mx.exp(top - mx.logsumexp(logits, axis=-1, keepdims=True))
+        # the score-weighted sum of the k expert outputs, as one batched [1, k] @ [k, H] product per token
+        y = (scores[:, None, :].astype(x.dtype) @ self.experts(x, indices)).squeeze(-2)
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
