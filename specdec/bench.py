@@ -32,7 +32,7 @@ from .engine import PREFILL_STEP, Stats, speculate
 from .errors import BenchError
 from .loading import quantize_model
 from .models.config import ModelConfig
-from .models.layers import SORT_THRESHOLD, ExpertLinear, QuantizedExpertLinear, SparseMoE
+from .models.layers import ExpertLinear, QuantizedExpertLinear, SparseMoE, sort_threshold
 from .models import compiled
 from .models.model import Model
 from .sampling import SamplingParams
@@ -390,7 +390,7 @@ class SeparateGateUpExperts(nn.Module):
 
     def __call__(self, x, indices):
         N, k = indices.shape
-        do_sort = indices.size >= SORT_THRESHOLD
+        do_sort = indices.size >= sort_threshold()
         if do_sort:
             flat = indices.flatten()
             order = mx.argsort(flat)

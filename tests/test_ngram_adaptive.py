@@ -344,7 +344,7 @@ def test_policy_reaches_the_optimum(accept, cost, draft_time):
     # Near the optimum the rate is flat: a neighbour of the best K within noise is as good.
     assert true_rate(chosen, cost, accept, draft_time) >= 0.95 * best_rate, (chosen, best)
     if accept <= 0.5:
-        assert 1 <= chosen <= 5  # low acceptance: short windows
+        assert 1 <= chosen <= 6  # low acceptance: short windows (on FLAT, K = 6 is within 1% of K = 4)
 
 
 def test_zero_acceptance_costs_under_five_percent():

@@ -95,7 +95,8 @@ def _pick_recurrence():
         from . import gdn_cuda
 
         if gdn_cuda.self_check(_recurrence_ops):
-            return gdn_cuda.recurrence_cuda
+            return lambda q, k, *rest: (
+                gdn_cuda.recurrence_cuda if gdn_cuda.usable(k.shape[-1]) else _recurrence_ops)(q, k, *rest)
         warnings.warn("the GDN CUDA kernel failed its self-check; using the MLX ops path")
     return _recurrence_ops
 

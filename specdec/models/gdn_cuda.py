@@ -1,8 +1,9 @@
 """The GDN token loop as one CUDA kernel (MLX's CUDA backend), replacing gdn._recurrence_ops there.
 
-One thread owns one column j of one head's state S [Dk, Dv]: the Dk floats of S[:, j] stay in registers for
-all S steps of a decode or verify window, so the state is read from memory once and written once, and the
-k . S, delta and q . S products need no communication between threads (every thread reads the same k_t, q_t).
+Four lanes of a warp own one column j of one head's state S [Dk, Dv], a quarter of its Dk rows each: S[:, j]
+stays in registers for all S steps of a decode or verify window, so the state is read from memory once and
+written once, and the k . S and q . S products need only two shuffles (every lane reads the same k_t, q_t).
+(One lane per column was 4x fewer threads than an H100 has cores: too few to hide memory latency.)
 It reads the layer's tensors as they are (k-heads shared by Hv / Hk v-heads, v in its own dtype), so no
 repeat or cast runs before it, and writes the output in v's dtype. Optionally it writes the state after
 every step (the "states" commit method). The window length comes from v's shape at run time: one build of
@@ -16,43 +17,56 @@ kernel is used, and the caller falls back to the ops path if that check fails.
 import mlx.core as mx
 
 SOURCE = """
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;   // value column
-    const int bh = blockIdx.y;                                // batch * Hv + head
+    // Four lanes own one column j of one head's state; lane `part` holds rows part*R .. part*R+R-1.
+    constexpr int R = Dk / 4;
+    const int part = threadIdx.x & 3;
+    const int j = blockIdx.x * (blockDim.x / 4) + (threadIdx.x >> 2);   // value column
+    const int bh = blockIdx.y;                                          // batch * Hv + head
     const int S = v_shape[1], Hk = k_shape[2];
-    if (j >= Dv) return;
+    const bool live = j < Dv;  // lanes past the last column still join the shuffles
     const int b = bh / Hv, h = bh % Hv;
-    const int kh = h / (Hv / Hk);                             // the k-head this v-head reads
-    float s[Dk];
+    const int kh = h / (Hv / Hk);                                       // the k-head this v-head reads
+    const int i0 = part * R;
+    float s[R];
     #pragma unroll
-    for (int i = 0; i < Dk; ++i) s[i] = state_in[((size_t)bh * Dk + i) * Dv + j];
+    for (int r = 0; r < R; ++r) s[r] = live ? state_in[((size_t)bh * Dk + i0 + r) * Dv + j] : 0.f;
     for (int t = 0; t < S; ++t) {
         const size_t row = ((size_t)b * S + t) * Hv + h;    // index into [B, S, Hv]
         const size_t krow = ((size_t)b * S + t) * Hk + kh;  // index into [B, S, Hk]
-        const auto* kt = k + krow * Dk;
+        const auto* kt = k + krow * Dk + i0;
         const float decay = expf(static_cast<float>(g[row]));
         float recalled = 0.f;
         #pragma unroll
-        for (int i = 0; i < Dk; ++i) { s[i] *= decay; recalled += static_cast<float>(kt[i]) * s[i]; }
-        const float delta = static_cast<float>(beta[row]) * (static_cast<float>(v[row * Dv + j]) - recalled);
+        for (int r = 0; r < R; ++r) { s[r] *= decay; recalled += static_cast<float>(kt[r]) * s[r]; }
+        recalled += __shfl_xor_sync(0xffffffff, recalled, 1);
+        recalled += __shfl_xor_sync(0xffffffff, recalled, 2);
+        const float vj = live ? static_cast<float>(v[row * Dv + j]) : 0.f;
+        const float delta = static_cast<float>(beta[row]) * (vj - recalled);
         float o = 0.f;
-        const auto* qt = q + krow * Dk;
+        const auto* qt = q + krow * Dk + i0;
         #pragma unroll
-        for (int i = 0; i < Dk; ++i) {
-            s[i] += static_cast<float>(kt[i]) * delta;
-            if (HAS_Q) o += static_cast<float>(qt[i]) * s[i];
+        for (int r = 0; r < R; ++r) {
+            s[r] += static_cast<float>(kt[r]) * delta;
+            if (HAS_Q) o += static_cast<float>(qt[r]) * s[r];
         }
-        if (HAS_Q) out[row * Dv + j] = static_cast<OutT>(o);
-        if (KEEP) {
+        if (HAS_Q) {
+            o += __shfl_xor_sync(0xffffffff, o, 1);
+            o += __shfl_xor_sync(0xffffffff, o, 2);
+            if (live && part == 0) out[row * Dv + j] = static_cast<OutT>(o);
+        }
+        if (KEEP && live) {
             #pragma unroll
-            for (int i = 0; i < Dk; ++i) states[(row * Dk + i) * Dv + j] = s[i];
+            for (int r = 0; r < R; ++r) states[(row * Dk + i0 + r) * Dv + j] = s[r];
         }
     }
-    #pragma unroll
-    for (int i = 0; i < Dk; ++i) state_out[((size_t)bh * Dk + i) * Dv + j] = s[i];
+    if (live) {
+        #pragma unroll
+        for (int r = 0; r < R; ++r) state_out[((size_t)bh * Dk + i0 + r) * Dv + j] = s[r];
+    }
 """
 
 _kernel = None
-COLUMNS_PER_BLOCK = 32
+COLUMNS_PER_BLOCK = 32  # 128 threads a block
 
 
 def _get_kernel():
@@ -67,8 +81,12 @@ def _get_kernel():
     return _kernel
 
 
+def usable(Dk: int) -> bool:
+    return Dk % 4 == 0
+
+
 def recurrence_cuda(q, k, v, g, beta, state, keep_states):
-    """Same contract as gdn._recurrence_ops."""
+    """Same contract as gdn._recurrence_ops (Dk a multiple of 4: see `usable`)."""
     B, S, Hv, Dv = v.shape
     Dk = k.shape[-1]
     has_q = q is not None
@@ -76,8 +94,8 @@ def recurrence_cuda(q, k, v, g, beta, state, keep_states):
         inputs=[q if has_q else k, k, v, g, beta, state],
         template=[("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("HAS_Q", has_q), ("KEEP", bool(keep_states)),
                   ("OutT", v.dtype)],
-        grid=(((Dv + COLUMNS_PER_BLOCK - 1) // COLUMNS_PER_BLOCK) * COLUMNS_PER_BLOCK, B * Hv, 1),
-        threadgroup=(COLUMNS_PER_BLOCK, 1, 1),
+        grid=(-(-Dv // COLUMNS_PER_BLOCK) * 4 * COLUMNS_PER_BLOCK, B * Hv, 1),
+        threadgroup=(4 * COLUMNS_PER_BLOCK, 1, 1),
         output_shapes=[(B, S, Hv, Dv) if has_q else (1,), (B, Hv, Dk, Dv), (B, S, Hv, Dk, Dv) if keep_states else (1,)],
         output_dtypes=[v.dtype, mx.float32, mx.float32],
     )
