@@ -102,7 +102,8 @@ class GDNCache:
         return self._window is not None and self.method == "states"
 
     def begin_window(self):
-        self._window = {"conv": self.conv_state, "state": self.state, "inputs": [], "tape": [], "states": []}
+        self._window = {"conv": self.conv_state, "state": self.state, "conv_in": [], "inputs": [], "tape": [],
+                        "states": []}
 
     def advance(self, conv_in, final_state, tape, states=None):
         """Called by the GDN layer after each forward with what it consumed and produced."""
@@ -112,6 +113,7 @@ class GDNCache:
         if w is not None:
             if w["conv"] is None:  # window opened on an empty cache: the conv history was zeros
                 w["conv"] = conv_in[:, :kernel_1]
+            w["conv_in"].append(conv_in)
             w["inputs"].append(conv_in[:, kernel_1:])
             if self.method == "states":
                 w["states"].append(states)
@@ -132,6 +134,13 @@ class GDNCache:
             raise ValueError(f"commit keeps {keep} of {processed} window tokens")
         self.offset -= processed - keep
         if keep == processed:
+            return None
+        if self.method == "states" and len(w["states"]) == 1:
+            # A window of one forward (a verify): the conv window and the state after token keep-1 are slices
+            # of what that forward produced. Views, so the commit costs no copy and no launch.
+            k1 = w["conv_in"][0].shape[1] - processed
+            self.conv_state = w["conv_in"][0][:, keep : keep + k1]
+            self.state = w["states"][0][:, keep - 1] if keep else w["state"]
             return None
         cat = lambda parts: parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
         inputs = cat(w["inputs"])

@@ -207,7 +207,10 @@ class SparseMoE(nn.Module):
         # The k largest router logits are the k largest probabilities. Renormalised over those k, the
         # probabilities are the softmax of their logits (the full softmax's denominator cancels).
         indices = mx.argpartition(logits, kth=E - k, axis=-1)[:, E - k :]
-        top = mx.take_along_axis(logits, indices, axis=-1)
+        if logits.shape[0] == 1:  # decode: a plain take (take_along_axis builds index grids, two more launches)
+            top = mx.take(logits, indices[0], axis=-1)
+        else:
+            top = mx.take_along_axis(logits, indices, axis=-1)
         if self.norm_topk_prob:
             scores = mx.softmax(top, axis=-1)
         else:
