@@ -1,5 +1,6 @@
-"""GPU check: the GDN CUDA kernel against the MLX ops path on random inputs of real size (Qwen3.5-35B-A3B:
-32 v-heads, 16 k-heads, 128 x 128 state), for decode, verify windows and replay; prints errors and timings.
+"""GPU check: the GDN CUDA kernels against the MLX ops path on random inputs of real size (Qwen3.5-35B-A3B:
+32 v-heads, 16 k-heads, 128 x 128 state): the recurrence for decode, verify windows and replay, and the fused
+mixer (conv, norms, gates, recurrence, gated norm) of a random-weight layer; prints errors and timings.
 
     python scripts/check_kernels.py          # on a machine with MLX's CUDA backend
 """
@@ -9,6 +10,7 @@ import time
 
 import mlx.core as mx
 
+from specdec.bench import arch_config, build_target
 from specdec.models import gdn, gdn_cuda
 
 
@@ -52,7 +54,37 @@ def main():
         print(f"{f'S={S} replay':<28}{err:>12.2e}")
     ok = worst <= 1e-4 and worst_out <= 1e-2
     print(f"worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): {'OK' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+    return 0 if ok and check_mixer() else 1
+
+
+def check_mixer():
+    """The fused GDN mixer (gdn_cuda.mixer) against GatedDeltaNet.mixer_ops on a real-size bfloat16 layer."""
+    cfg = arch_config("qwen3.5-35b-a3b", 1)
+    layer = build_target(cfg, 16).model.layers[0].linear_attn  # random weights as the bench makes them, bf16
+    print(f"{'fused mixer':<28}{'state err':>12}{'out/tape err':>13}{'fused ms':>10}{'ops ms':>9}")
+    worst = worst_out = 0.0
+    for S in (1, 2, 5, 9, 16):
+        ks = mx.random.split(mx.random.key(100 + S), 3)
+        x = mx.random.normal((1, S, cfg.hidden_size), key=ks[0]).astype(mx.bfloat16)
+        carried = mx.random.normal((1, layer.kernel - 1, layer.conv_dim), key=ks[1]).astype(mx.bfloat16)
+        state = 0.1 * mx.random.normal((1, layer.Hv, layer.Dk, layer.Dv), key=ks[2])
+        proj = layer.in_proj[0](x)
+        qkv, z, b, a = layer.project(x)
+        conv_in = mx.concatenate([carried, qkv], axis=1)
+        mx.eval(proj, conv_in, z, b, a)
+        got = gdn_cuda.mixer(layer, conv_in, proj, state, True, True)
+        want = layer.mixer_ops(conv_in, z, b, a, state, True)
+        err = max(rel_err(got[1], want[1]), rel_err(got[2], want[3]))  # fp32 states
+        # the output, and the tape (whose v is bfloat16 like the output)
+        out_err = max(rel_err(got[0], want[0]), *(rel_err(u, w) for u, w in zip(got[3], want[2])))
+        worst, worst_out = max(worst, err), max(worst_out, out_err)
+        t_f = timed(lambda: gdn_cuda.mixer(layer, conv_in, proj, state, False)[0])
+        t_o = timed(lambda: layer.mixer_ops(conv_in, z, b, a, state, False)[0])
+        print(f"{f'S={S}':<28}{err:>12.2e}{out_err:>13.2e}{t_f:>10.3f}{t_o:>9.3f}")
+    ok = worst <= 1e-3 and worst_out <= 2e-2
+    print(f"fused mixer: worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): "
+          f"{'OK' if ok else 'MISMATCH'}")
+    return ok
 
 
 def rel_err(a, b):

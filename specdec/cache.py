@@ -101,13 +101,17 @@ class GDNCache:
     def wants_states(self) -> bool:
         return self._window is not None and self.method == "states"
 
+    @property
+    def wants_tape(self) -> bool:
+        return self._window is not None and self.method == "replay"
+
     def begin_window(self):
         self._window = {"conv": self.conv_state, "state": self.state, "conv_in": [], "inputs": [], "tape": [],
                         "states": []}
 
-    def advance(self, conv_in, final_state, tape, states=None):
-        """Called by the GDN layer after each forward with what it consumed and produced."""
-        S = tape[0].shape[1]
+    def advance(self, conv_in, final_state, S: int, tape=None, states=None):
+        """Called by the GDN layer after each forward of S tokens with what it consumed and produced: the conv
+        inputs, the final state, and what a commit needs (the recurrence inputs, or the per-step states)."""
         kernel_1 = conv_in.shape[1] - S
         w = self._window
         if w is not None:

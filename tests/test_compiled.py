@@ -71,3 +71,40 @@ def test_compiled_speculation_is_lossless(tiny, draft, monkeypatch):
         model = noisy_copy(tiny.path("moe"), 0.01, seed=case) if draft == "noisy" else tiny.model(draft)
         got = run(target, prompt, n_new, DraftModelProposer(model, method, min_confidence=0), k, method)
         assert_matches_greedy(target, prompt, got[: n_new + 8], reference, f"case {case}, K={k}, {method}")
+
+
+def ops_in_place_of_the_kernel(layer, conv_in, proj, state, keep_states, keep_tape=False):
+    """gdn_cuda.mixer's contract, computed by the operations it fuses (the kernel itself needs CUDA)."""
+    parts = {p: proj[..., at : at + layer.part_sizes[p]] for p, at in layer.offsets.items()}
+    out, final, tape, states = layer.mixer_ops(conv_in, parts["z"], parts["b"], parts["a"], state, keep_states)
+    return out, final, states, (tape if keep_tape else None)
+
+
+def test_fused_mixer_path_keeps_speculation_lossless(tiny, monkeypatch):
+    """The layer's fused-mixer branch (taken on CUDA) with the kernel's contract stood in by operations: decode
+    and verify windows go through it with either commit method, and speculative output still equals plain
+    greedy decoding."""
+    from specdec.models import gdn_cuda, model as model_module
+
+    target = tiny.model("moe")
+    prompt = random_prompt(40, seed=2)
+    monkeypatch.setenv("SPECDEC_COMPILE", "0")
+    reference = [int(t) for t in run(target, prompt, 60)]
+    calls = []
+
+    def mixer(layer, conv_in, proj, state, keep_states, keep_tape=False):
+        calls.append((keep_states, keep_tape))
+        return ops_in_place_of_the_kernel(layer, conv_in, proj, state, keep_states, keep_tape)
+
+    monkeypatch.setattr(model_module, "fused_mixer_ready", lambda: True)
+    monkeypatch.setattr(gdn_cuda, "mixer_usable", lambda layer: True)  # the real kernel needs Dv >= 24
+    monkeypatch.setattr(gdn_cuda, "mixer", mixer)
+    for compile_steps in ("0", "1"):
+        monkeypatch.setenv("SPECDEC_COMPILE", compile_steps)
+        for method in METHODS:
+            calls.clear()
+            proposer = DraftModelProposer(noisy_copy(tiny.path("moe"), 0.01, seed=1), method, min_confidence=0)
+            got = run(target, prompt, 52, proposer, 4, method)
+            assert_matches_greedy(target, prompt, got[:60], reference, f"{method}, compiled {compile_steps}")
+            # verify windows ran fused, keeping what their commit method needs
+            assert (True, False) in calls if method == "states" else (False, True) in calls

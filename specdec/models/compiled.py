@@ -51,12 +51,13 @@ class _TracedKV:
 class _TracedGDN:
     """A GDNCache as the compiled function sees it: state in, what the layer produced recorded for the caller."""
 
-    def __init__(self, conv_state, state, wants_states):
-        self.conv_state, self.state, self.wants_states = conv_state, state, wants_states
+    def __init__(self, conv_state, state, wants):
+        self.conv_state, self.state = conv_state, state
+        self.wants_states, self.wants_tape = wants
         self.produced = None
 
-    def advance(self, conv_in, final_state, tape, states=None):
-        self.produced = (conv_in, final_state, *tape) + ((states,) if states is not None else ())
+    def advance(self, conv_in, final_state, S, tape=None, states=None):
+        self.produced = (conv_in, final_state, tuple(tape or ()), (states,) if states is not None else ())
 
 
 class CompiledSteps:
@@ -71,10 +72,13 @@ class CompiledSteps:
 
     def __call__(self, tokens, cache, return_hidden=False):
         S = tokens.shape[1]
-        wants = tuple(isinstance(c, GDNCache) and c.wants_states for c in cache)
+        wants = tuple((c.wants_states, c.wants_tape) if isinstance(c, GDNCache) else None for c in cache)
         fn = self._fns.get((return_hidden, wants))
         if fn is None:
-            gdn.prepare()  # the GDN kernel's self-check evaluates arrays: not inside a trace
+            from .model import fused_mixer_ready
+
+            gdn.prepare()  # the GDN kernels' self-checks evaluate arrays: not inside a trace
+            fused_mixer_ready()
             fn = self._fns[(return_hidden, wants)] = mx.compile(partial(self._forward, return_hidden, wants))
         offset = cache.offset
         inputs = []
@@ -90,8 +94,8 @@ class CompiledSteps:
                 c.keys, c.values = p
                 c.offset += S
             else:
-                conv_in, final, k, v, g, beta, *states = p
-                c.advance(conv_in, final, (k, v, g, beta), states[0] if states else None)
+                conv_in, final, tape, states = p
+                c.advance(conv_in, final, S, tape or None, states[0] if states else None)
         return out
 
     def _forward(self, return_hidden, wants, tokens, offset, inputs):

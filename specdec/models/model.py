@@ -6,12 +6,15 @@ What differs is read from the config, so there is one forward to test, not five.
 Parameter names follow the Hugging Face checkpoints, so loading needs only a few renames.
 """
 
+import os
+import warnings
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import compiled
+from . import compiled, gdn_cuda
 from .config import ModelConfig
-from .gdn import gdn
+from .gdn import RECURRENT_MAX_TOKENS, gdn
 from .layers import MLP, Attention, RMSNorm, SparseMoE
 
 def l2norm(x, eps=1e-6):
@@ -59,6 +62,12 @@ class GatedDeltaNet(nn.Module):
         # One Linear per group of parts (`ModelConfig.in_proj_groups`): all four fused unless a
         # checkpoint quantizes them with different bits.
         self.groups = [tuple(g) for g in cfg.in_proj_groups]
+        self.offsets = {}  # where each part starts in its group's output
+        for group in self.groups:
+            at = 0
+            for p in group:
+                self.offsets[p] = at
+                at += self.part_sizes[p]
         self.in_proj = [
             nn.Linear(cfg.hidden_size, sum(self.part_sizes[p] for p in g), bias=False) for g in self.groups
         ]
@@ -71,21 +80,41 @@ class GatedDeltaNet(nn.Module):
     def project(self, x):
         parts = {}
         for group, proj in zip(self.groups, self.in_proj):
-            y = proj(x)
-            cuts, at = [], 0
-            for p in group[:-1]:
-                at += self.part_sizes[p]
-                cuts.append(at)
-            parts.update(zip(group, mx.split(y, cuts, axis=-1)))
+            cuts = [self.offsets[p] for p in group[1:]]
+            parts.update(zip(group, mx.split(proj(x), cuts, axis=-1)))
         return parts["qkv"], parts["z"], parts["b"], parts["a"]
 
     def __call__(self, x, cache=None):
         B, S, _ = x.shape
-        qkv, z, b, a = self.project(x)
+        state = cache.state if cache is not None else None
+        keep_states = cache is not None and cache.wants_states
+        keep_tape = cache is not None and cache.wants_tape
+        if fused_mixer_ready() and gdn_cuda.mixer_usable(self) and S <= RECURRENT_MAX_TOKENS:
+            proj = self.in_proj[0](x)
+            at = self.offsets["qkv"]
+            conv_in = self.conv_input(cache, proj[..., at : at + self.conv_dim])
+            if state is None:
+                state = mx.zeros((B, self.Hv, self.Dk, self.Dv), mx.float32)
+            out, final, states, tape = gdn_cuda.mixer(self, conv_in, proj, state, keep_states, keep_tape)
+        else:
+            qkv, z, b, a = self.project(x)
+            conv_in = self.conv_input(cache, qkv)
+            out, final, tape, states = self.mixer_ops(conv_in, z, b, a, state, keep_states)
+        if cache is not None:
+            cache.advance(conv_in, final, S, tape, states)
+        return self.out_proj(out)
+
+    def conv_input(self, cache, qkv):
+        """[the conv inputs carried from before, this window's qkv]: what the causal conv reads."""
         carried = cache.conv_state if cache is not None else None
         if carried is None:
-            carried = mx.zeros((B, self.kernel - 1, self.conv_dim), dtype=qkv.dtype)
-        conv_in = mx.concatenate([carried, qkv], axis=1)
+            carried = mx.zeros((qkv.shape[0], self.kernel - 1, self.conv_dim), dtype=qkv.dtype)
+        return mx.concatenate([carried, qkv], axis=1)
+
+    def mixer_ops(self, conv_in, z, b, a, state, keep_states):
+        """Conv, gates, recurrence and gated norm as MLX operations -> (out [B, S, value_dim], final state,
+        recurrence inputs (k, v, g, beta) for a replay commit, per-step states or None)."""
+        B, S = z.shape[:2]
         mixed = nn.silu(self.conv1d(conv_in))
         q, k, v = mx.split(mixed, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = l2norm(q.reshape(B, S, self.Hk, self.Dk).astype(mx.float32)) * self.Dk**-0.5
@@ -93,16 +122,55 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, S, self.Hv, self.Dv)
         beta = mx.sigmoid(b.astype(mx.float32))
         g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + self.dt_bias)
-
-        if cache is None:
-            out, _ = gdn(q, k, v, g, beta, None)
-        else:
-            want_states = cache.wants_states
-            out, final, *states = gdn(q, k, v, g, beta, cache.state, return_states=want_states)
-            cache.advance(conv_in, final, tape=(k, v, g, beta), states=states[0] if states else None)
-
+        out, final, *states = gdn(q, k, v, g, beta, state, return_states=keep_states)
         out = self.norm(out, z.reshape(B, S, self.Hv, self.Dv))
-        return self.out_proj(out.reshape(B, S, -1))
+        return out.reshape(B, S, -1), final, (k, v, g, beta), (states[0] if states else None)
+
+
+_fused_mixer = None  # decided on first use: None, then True / False
+
+
+def fused_mixer_ready() -> bool:
+    """On MLX's CUDA backend, after a self-check against `mixer_ops` (SPECDEC_GDN_KERNEL=0 turns the kernels
+    off), decode and verify windows run the GDN mixer as one kernel (gdn_cuda.mixer)."""
+    global _fused_mixer
+    if _fused_mixer is None:
+        _fused_mixer = False
+        if os.environ.get("SPECDEC_GDN_KERNEL", "1") != "0" and mx.cuda.is_available() and mx.default_device() == mx.gpu:
+            _fused_mixer = _mixer_self_check()
+            if not _fused_mixer:
+                warnings.warn("the fused GDN mixer kernel failed its self-check; using MLX operations")
+    return _fused_mixer
+
+
+def _mixer_self_check() -> bool:
+    """The fused mixer against mixer_ops on a small random bfloat16 layer shaped like the real ones."""
+    try:
+        cfg = ModelConfig(model_type="qwen3_5_moe", vocab_size=16, hidden_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_num_key_heads=2,
+                          linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
+        layer = GatedDeltaNet(cfg)
+        keys = iter(mx.random.split(mx.random.key(0), 16))
+        rnd = lambda shape, scale: scale * mx.random.normal(shape, key=next(keys))
+        layer.in_proj[0].weight = rnd(layer.in_proj[0].weight.shape, 0.2)
+        layer.conv1d.weight = rnd(layer.conv1d.weight.shape, 0.5)
+        layer.dt_bias, layer.A_log = rnd((layer.Hv,), 1.0), mx.log(mx.random.uniform(1, 16, (layer.Hv,), key=next(keys)))
+        layer.norm.weight = 1 + rnd((layer.Dv,), 0.1)
+        layer.set_dtype(mx.bfloat16)
+        layer.A_log = layer.A_log.astype(mx.float32)
+        x = rnd((1, 3, cfg.hidden_size), 1.0).astype(mx.bfloat16)
+        state = rnd((1, layer.Hv, layer.Dk, layer.Dv), 0.3)
+        proj = layer.in_proj[0](x)
+        qkv, z, b, a = layer.project(x)
+        conv_in = layer.conv_input(None, qkv)
+        want = layer.mixer_ops(conv_in, z, b, a, state, True)
+        got = gdn_cuda.mixer(layer, conv_in, proj, state, True, True)
+        close = lambda u, w, tol: mx.allclose(u.astype(mx.float32), w.astype(mx.float32), rtol=tol, atol=tol).item()
+        return (close(got[0], want[0], 5e-2) and close(got[1], want[1], 1e-3) and close(got[2], want[3], 1e-3)
+                and all(close(u, w, 1e-2) for u, w in zip(got[3], want[2])))
+    except Exception as e:  # a kernel that does not build or run falls back to the ops path
+        warnings.warn(f"fused GDN mixer: {type(e).__name__}: {e}")
+        return False
 
 
 class DecoderLayer(nn.Module):
