@@ -92,7 +92,7 @@ def recurrence_cuda(q, k, v, g, beta, state, keep_states):
     has_q = q is not None
     out, state_out, states = _get_kernel()(
         inputs=[q if has_q else k, k, v, g, beta, state],
-        template=[("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("HAS_Q", has_q), ("KEEP", bool(keep_states)), ("TAPE", bool(keep_tape)),
+        template=[("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("HAS_Q", has_q), ("KEEP", bool(keep_states)),
                   ("OutT", v.dtype)],
         grid=(-(-Dv // COLUMNS_PER_BLOCK) * 4 * COLUMNS_PER_BLOCK, B * Hv, 1),
         threadgroup=(4 * COLUMNS_PER_BLOCK, 1, 1),

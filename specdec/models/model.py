@@ -165,9 +165,12 @@ def _mixer_self_check() -> bool:
         conv_in = layer.conv_input(None, qkv)
         want = layer.mixer_ops(conv_in, z, b, a, state, True)
         got = gdn_cuda.mixer(layer, conv_in, proj, state, True, True)
-        close = lambda u, w, tol: mx.allclose(u.astype(mx.float32), w.astype(mx.float32), rtol=tol, atol=tol).item()
-        return (close(got[0], want[0], 5e-2) and close(got[1], want[1], 1e-3) and close(got[2], want[3], 1e-3)
-                and all(close(u, w, 1e-2) for u, w in zip(got[3], want[2])))
+        # Relative to the largest entry: a wrong index or formula is off by O(1); rounding (a bfloat16 ulp of a
+        # conv output, carried into the state) by well under 1%.
+        close = lambda u, w, tol: (mx.abs(u.astype(mx.float32) - w.astype(mx.float32)).max()
+                                   <= tol * mx.abs(w.astype(mx.float32)).max()).item()
+        return (close(got[0], want[0], 5e-2) and close(got[1], want[1], 1e-2) and close(got[2], want[3], 1e-2)
+                and all(close(u, w, 5e-2) for u, w in zip(got[3], want[2])))
     except Exception as e:  # a kernel that does not build or run falls back to the ops path
         warnings.warn(f"fused GDN mixer: {type(e).__name__}: {e}")
         return False
