@@ -52,7 +52,7 @@ SOURCE = """
         if (HAS_Q) {
             o += __shfl_xor_sync(0xffffffff, o, 1);
             o += __shfl_xor_sync(0xffffffff, o, 2);
-            if (live && part == 0) out[row * Dv + j] = static_cast<CT>(o);
+            if (live && part == 0) out[row * Dv + j] = static_cast<OutT>(o);
         }
         if (KEEP && live) {
             #pragma unroll
