@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .adaptive import AdaptiveK
-from .cache import COMMIT_METHODS, GDNCache, KVCache, make_cache
+from .cache import COMMIT_METHODS, DEFAULT_COMMIT_METHOD, GDNCache, KVCache, make_cache
 from .drafts import Proposer
 from .engine import PREFILL_STEP, Stats, speculate
 from .errors import BenchError
@@ -81,7 +81,7 @@ class BenchOptions:
     draft_lengths: tuple = (1, 2, 4, 8)  # K
     gen_tokens: int = 128  # tokens generated per end-to-end run
     draft_cost_ms: float | None = None  # per drafted token; None: a tenth of the target's S=1 step
-    commit_method: str = "replay"  # for the end-to-end runs
+    commit_method: str = DEFAULT_COMMIT_METHOD  # for the end-to-end runs
     mlx_lm: bool = True
     mlx_lm_max_prefill: int = 1024  # mlx-lm prefills token by token in Python on CUDA/CPU: longer ones are slow
     bandwidth_gbs: float | None = None  # nominal device bandwidth; None: known GPUs by name
@@ -201,7 +201,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def prefill(model: Model, tokens: list[int], commit_method: str = "replay"):
+def prefill(model: Model, tokens: list[int], commit_method: str = DEFAULT_COMMIT_METHOD):
     """A fresh cache holding `tokens` (in the engine's chunks) and the logits of the last one."""
     cache = make_cache(model, commit_method)
     for i in range(0, len(tokens), PREFILL_STEP):
@@ -522,7 +522,8 @@ class OracleProposer(Proposer):
         self.overhead += time.perf_counter() - t0
 
 
-def run_decode(model: Model, prompt: list[int], n: int, proposer=None, k: int = 0, commit_method="replay"):
+def run_decode(model: Model, prompt: list[int], n: int, proposer=None, k: int = 0,
+               commit_method=DEFAULT_COMMIT_METHOD):
     """Generate at least n tokens through the engine -> (tokens, seconds after prefill, Stats)."""
     stats, out = Stats(), []
     t0 = time.perf_counter()

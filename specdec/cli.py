@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 
+from .cache import COMMIT_METHODS, DEFAULT_COMMIT_METHOD
 from .errors import SpecdecError
 
 EXAMPLES = """examples:
@@ -60,8 +61,10 @@ def build_parser():
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: checkpoint's)")
     add_quantize(g)
-    g.add_argument("--commit-method", choices=["replay", "states"], default="replay",
-                   help="how GDN state is rolled back after a rejected draft (default: replay)")
+    g.add_argument("--commit-method", choices=COMMIT_METHODS, default=DEFAULT_COMMIT_METHOD,
+                   help="how GDN state is rolled back after a rejected draft: pick the state of the accepted "
+                        f"position (states) or replay from the window start (replay, less memory); default "
+                        f"{DEFAULT_COMMIT_METHOD}")
     g.add_argument("--json", action="store_true", help="print the result and stats as JSON")
     e = sub.add_parser("eval", help="acceptance-rate evaluation: tau, acceptance and speedup per prompt category",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
@@ -106,8 +109,8 @@ def add_bench(sub):
     b.add_argument("--repeats", type=int, default=20, help="median of this many (default 20)")
     b.add_argument("--gen-tokens", type=int, default=128, help="tokens per end-to-end run (default 128)")
     b.add_argument("--draft-cost-ms", type=float, help="draft time per drafted token (default: 1/10 of a target step)")
-    b.add_argument("--commit-method", choices=["replay", "states"], default="replay",
-                   help="GDN commit method of the end-to-end runs (both are timed alone)")
+    b.add_argument("--commit-method", choices=COMMIT_METHODS, default=DEFAULT_COMMIT_METHOD,
+                   help=f"GDN commit method of the end-to-end runs (both are timed alone); default {DEFAULT_COMMIT_METHOD}")
     b.add_argument("--no-mlx-lm", action="store_true", help="skip the side-by-side mlx-lm run")
     b.add_argument("--mlx-lm-max-prefill", type=int, default=1024,
                    help="time mlx-lm's prefill only up to this length: it is slow off Apple GPUs (default 1024)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import make_cache
+from .cache import DEFAULT_COMMIT_METHOD, make_cache
 from .sampling import SamplingParams, accept_greedy, accept_sampled, log_probs, make_key, split_key
 
 PREFILL_STEP = 2048  # prompt tokens per forward: bounds the attention scores and GDN chunk buffers
@@ -78,7 +78,7 @@ def prefill(model, cache, tokens: list[int], want_hidden=False):
 
 
 def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, num_draft_tokens=4,
-              commit_method="replay", stats: Stats | None = None):
+              commit_method=DEFAULT_COMMIT_METHOD, stats: Stats | None = None):
     """Yield the tokens each round emits (a non-empty list), forever; the caller decides when to stop."""
     stats = stats if stats is not None else Stats()
     cache = make_cache(target, commit_method)

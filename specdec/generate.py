@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .adaptive import AdaptiveK
+from .cache import DEFAULT_COMMIT_METHOD
 from .drafts import DraftModelProposer, MTPProposer, NgramProposer, Proposer
 from .engine import Stats, speculate
 from .errors import DraftError, PromptError, SamplingError
@@ -60,7 +61,7 @@ class GenerationResult:
     stats: Stats = field(default_factory=Stats)
 
 
-def make_proposer(draft, target, tokenizer=None, seed=None, commit_method="replay") -> Proposer | None:
+def make_proposer(draft, target, tokenizer=None, seed=None, commit_method=DEFAULT_COMMIT_METHOD) -> Proposer | None:
     if draft is None or isinstance(draft, Proposer):
         proposer = draft
     elif draft == "ngram":
@@ -105,7 +106,7 @@ def encode_prompt(tokenizer, prompt, chat: bool, max_context: int) -> list:
 def stream_generate(model, tokenizer, prompt, *, draft=None, num_draft_tokens: int | str = 4, max_tokens: int = 256,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                     seed: int | None = None, stop: list | None = None, chat: bool = False,
-                    commit_method: str = "replay", stats: Stats | None = None) -> Iterator[GenerationChunk]:
+                    commit_method: str = DEFAULT_COMMIT_METHOD, stats: Stats | None = None) -> Iterator[GenerationChunk]:
     """Yield the text of each round as it is decided. The last chunk has finish_reason set."""
     params = SamplingParams(temperature, top_k, top_p, min_p, seed)
     if not isinstance(max_tokens, int) or max_tokens < 1:

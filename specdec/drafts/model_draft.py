@@ -7,14 +7,15 @@ start of the next round together with `last` (one forward, no extra launch).
 
 import mlx.core as mx
 
-from ..cache import make_cache
+from ..cache import DEFAULT_COMMIT_METHOD, make_cache
 from ..errors import DraftError
 from ..sampling import SamplingParams, log_probs, make_key
 from .base import Proposer
 
 
 class DraftModelProposer(Proposer):
-    def __init__(self, model, commit_method: str = "replay", seed: int | None = None, min_confidence: float = 0.3):
+    def __init__(self, model, commit_method: str = DEFAULT_COMMIT_METHOD, seed: int | None = None,
+                 min_confidence: float = 0.3):
         if not 0 <= min_confidence < 1:
             raise DraftError(f"min_confidence must be in [0, 1) (0 turns early stopping off), got {min_confidence!r}")
         self.model = model

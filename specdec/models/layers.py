@@ -202,7 +202,7 @@ class SparseMoE(nn.Module):
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits = self.gate(x).astype(mx.float32)
+        logits = self.gate(x)  # in the model's dtype: casting it first would cost a launch and change no order
         E, k = logits.shape[-1], self.top_k
         # The k largest router logits are the k largest probabilities. Renormalised over those k, the
         # probabilities are the softmax of their logits (the full softmax's denominator cancels).
@@ -212,11 +212,12 @@ class SparseMoE(nn.Module):
         else:
             top = mx.take_along_axis(logits, indices, axis=-1)
         if self.norm_topk_prob:
-            scores = mx.softmax(top, axis=-1)
+            scores = mx.softmax(top, axis=-1, precise=True)  # computed in float32, rounded once
         else:
-            scores = mx.exp(top - mx.logsumexp(logits, axis=-1, keepdims=True))
+            f32 = lambda a: a.astype(mx.float32)
+            scores = mx.exp(f32(top) - mx.logsumexp(f32(logits), axis=-1, keepdims=True)).astype(x.dtype)
         # the score-weighted sum of the k expert outputs, as one batched [1, k] @ [k, H] product per token
-        y = (scores[:, None, :].astype(x.dtype) @ self.experts(x, indices)).squeeze(-2)
+        y = (scores[:, None, :] @ self.experts(x, indices)).squeeze(-2)
         if "shared_expert" in self:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
