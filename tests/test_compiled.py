@@ -108,3 +108,26 @@ def test_fused_mixer_path_keeps_speculation_lossless(tiny, monkeypatch):
             assert_matches_greedy(target, prompt, got[:60], reference, f"{method}, compiled {compile_steps}")
             # verify windows ran fused, keeping what their commit method needs
             assert (True, False) in calls if method == "states" else (False, True) in calls
+
+
+def test_new_weights_drop_compiled_steps(tiny, compiled_steps):
+    """A trace holds the weights it was made with: loading new ones through the model must not leave a stale
+    trace in use."""
+    from mlx.utils import tree_map
+
+    from specdec.loading import load_model
+
+    model = load_model(tiny.path("moe"))[0]
+    prompt, window = mx.array([random_prompt(20, seed=1)]), mx.array([random_prompt(3, seed=2)])
+
+    def step(forward):
+        cache = make_cache(model)
+        model.forward(prompt, cache)
+        return forward(window, cache)
+
+    before = step(model)
+    assert model._steps._fns
+    model.update(tree_map(lambda p: p * 1.5, model.parameters()))
+    after, eager = step(model), step(model.forward)
+    assert mx.allclose(after, eager, rtol=1e-5, atol=1e-5).item()
+    assert not mx.allclose(after, before, rtol=1e-3, atol=1e-3).item()

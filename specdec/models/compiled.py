@@ -67,6 +67,10 @@ class CompiledSteps:
         self.model = model
         self._fns = {}
 
+    def reset(self):
+        """Forget every trace: a trace holds the weights it was made with (see Model.update)."""
+        self._fns.clear()
+
     def accepts(self, tokens, cache) -> bool:
         return isinstance(cache, ModelCache) and tokens.shape[1] <= MAX_TOKENS and cache.filled
 

@@ -232,6 +232,25 @@ class Model(nn.Module):
             return self._steps(tokens, cache, return_hidden)
         return self.forward(tokens, cache, return_hidden)
 
+    # A compiled step holds the weights it was traced with, so changing them through the root module (loading,
+    # quantizing, casting) drops the traces. Assigning arrays to submodules directly does not: call
+    # `model.reset_compiled_steps()` after that.
+    def update(self, parameters: dict, strict: bool = True):
+        self.reset_compiled_steps()
+        return super().update(parameters, strict)
+
+    def update_modules(self, modules: dict, strict: bool = True):
+        self.reset_compiled_steps()
+        return super().update_modules(modules, strict)
+
+    def set_dtype(self, dtype, *args, **kwargs):
+        self.reset_compiled_steps()
+        return super().set_dtype(dtype, *args, **kwargs)
+
+    def reset_compiled_steps(self):
+        if "_steps" in self.__dict__:
+            self._steps.reset()
+
     def forward(self, tokens, cache=None, return_hidden=False):
         h = self.model(tokens, cache)
         normed = self.model.norm(h)
