@@ -9,9 +9,10 @@ tokens had been processed. The model is never run again for this:
   - KV: offset = start + keep.
   - GDN conv: the window's inputs are kept, so the conv window ending at token keep-1 is a slice.
   - GDN state, two methods:
+      "states" (default): the recurrence emits the state after every step and commit picks one (vLLM's way);
+                for a window of one forward the pick and the conv window are slices: no copy, no launch;
       "replay": keep the step inputs (k, v, g, beta) and re-run `keep` recurrence steps from the state
-                saved at the window start (MLX arrays are immutable: saving it costs nothing);
-      "states": the recurrence emits the state after every step and commit picks one (vLLM's way).
+                saved at the window start (MLX arrays are immutable: saving it costs nothing); less memory.
 """
 
 import mlx.core as mx
