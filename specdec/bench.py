@@ -306,8 +306,8 @@ def window_bytes(cache) -> dict:
         w = getattr(c, "_window", None) if isinstance(c, GDNCache) else None
         if not w:
             continue
-        held["saved_state"] += sum(x.nbytes for x in (w["conv"], w["state"]) if x is not None)
-        held["inputs"] += sum(x.nbytes for x in w["inputs"])
+        held["saved_state"] += w["state"].nbytes if w["state"] is not None else 0
+        held["inputs"] += sum(x.nbytes for x in w["conv_in"])  # conv inputs: carried, then the window's
         held["tape"] += sum(x.nbytes for step in w["tape"] for x in step)
         held["states"] += sum(x.nbytes for x in w["states"])
     return {**held, "total": sum(held.values())}

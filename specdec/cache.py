@@ -111,19 +111,16 @@ class GDNCache:
         return self._window is not None and self.method == "replay"
 
     def begin_window(self):
-        self._window = {"conv": self.conv_state, "state": self.state, "conv_in": [], "inputs": [], "tape": [],
-                        "states": []}
+        self._window = {"state": self.state, "conv_in": [], "tape": [], "states": []}
 
     def advance(self, conv_in, final_state, S: int, tape=None, states=None):
         """Called by the GDN layer after each forward of S tokens with what it consumed and produced: the conv
-        inputs, the final state, and what a commit needs (the recurrence inputs, or the per-step states)."""
-        kernel_1 = conv_in.shape[1] - S
+        inputs (carried, then new), the final state, and what a commit needs (the recurrence inputs, or the
+        per-step states)."""
         w = self._window
         if w is not None:
-            if w["conv"] is None:  # window opened on an empty cache: the conv history was zeros
-                w["conv"] = conv_in[:, :kernel_1]
+            w["kernel_1"] = conv_in.shape[1] - S
             w["conv_in"].append(conv_in)
-            w["inputs"].append(conv_in[:, kernel_1:])
             if self.method == "states":
                 w["states"].append(states)
             else:
@@ -138,21 +135,23 @@ class GDNCache:
     def _close_window(self, keep: int):
         """End the window at `keep` tokens: the arrays the rewind needs, or None when everything is kept."""
         w, self._window = self._window, None
-        processed = sum(x.shape[1] for x in w["inputs"])
+        k1, forwards = w.get("kernel_1", 0), w["conv_in"]
+        processed = sum(c.shape[1] - k1 for c in forwards)
         if not 0 <= keep <= processed:
             raise ValueError(f"commit keeps {keep} of {processed} window tokens")
         self.offset -= processed - keep
         if keep == processed:
             return None
+        # the conv inputs from before the window through its last token
+        history = forwards[0] if len(forwards) == 1 else mx.concatenate(
+            [forwards[0]] + [c[:, k1:] for c in forwards[1:]], axis=1)
         if self.method == "states" and len(w["states"]) == 1:
             # A window of one forward (a verify): the conv window and the state after token keep-1 are slices
             # of what that forward produced. Views, so the commit costs no copy and no launch.
-            k1 = w["conv_in"][0].shape[1] - processed
-            self.conv_state = w["conv_in"][0][:, keep : keep + k1]
+            self.conv_state = history[:, keep : keep + k1]
             self.state = w["states"][0][:, keep - 1] if keep else w["state"]
             return None
         cat = lambda parts: parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
-        inputs = cat(w["inputs"])
         if self.method == "states":
             extra = (cat(w["states"]),)
             B, _, H, Dk, Dv = extra[0].shape
@@ -161,16 +160,17 @@ class GDNCache:
             B, _, H, Dv = extra[1].shape
             Dk = extra[0].shape[-1]
         saved = w["state"] if w["state"] is not None else mx.zeros((B, H, Dk, Dv), mx.float32)
-        return (w["conv"], inputs, saved) + extra
+        return (history, saved) + extra
 
 
 def _rewind(keep, windows):
     """Per GDN layer, the conv window and state after the first `keep` window tokens (keep an array, so one
     trace serves every keep)."""
     out = []
-    for conv, inputs, saved, *extra in windows:
-        history = mx.concatenate([conv, inputs], axis=1)
-        conv_state = mx.slice(history, keep.reshape(1), axes=(1,), slice_size=conv.shape)
+    for history, saved, *extra in windows:
+        B, L, C = history.shape
+        k1 = L - extra[0].shape[1]  # history: the carried conv inputs, then the window's tokens
+        conv_state = mx.slice(history, keep.reshape(1), axes=(1,), slice_size=(B, k1, C))
         if len(extra) == 1:  # "states": the state after step keep-1, or the saved one for keep = 0
             picked = mx.take(extra[0], mx.maximum(keep - 1, 0), axis=1)
             state = mx.where(keep > 0, picked, saved)

@@ -80,10 +80,9 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
-        mask = "causal" if S > 1 else None
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-            mask = cache.mask(S)
+        mask = cache.mask(S) if cache is not None else ("causal" if S > 1 else None)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, S, -1)
         if self.gated:
