@@ -1,6 +1,7 @@
-"""GPU check: the GDN CUDA kernels against the MLX ops path on random inputs of real size (Qwen3.5-35B-A3B:
-32 v-heads, 16 k-heads, 128 x 128 state): the recurrence for decode, verify windows and replay, and the fused
-mixer (conv, norms, gates, recurrence, gated norm) of a random-weight layer; prints errors and timings.
+"""GPU check: the CUDA kernels against the MLX ops path on random inputs of real size (Qwen3.5-35B-A3B:
+32 v-heads, 16 k-heads, 128 x 128 state; 256 experts, top-8, 4-bit): the GDN recurrence for decode, verify
+windows and replay, the fused GDN mixer (conv, norms, gates, recurrence, gated norm) and the MoE kernels of
+random-weight layers; prints errors and timings, then whole compiled steps with the MoE kernels on and off.
 
     python scripts/check_kernels.py          # on a machine with MLX's CUDA backend
 """
@@ -9,9 +10,10 @@ import sys
 import time
 
 import mlx.core as mx
+import numpy as np
 
-from specdec.bench import arch_config, build_target
-from specdec.models import gdn, gdn_cuda
+from specdec.bench import arch_config, build_target, prefill, step_ms
+from specdec.models import gdn, gdn_cuda, kernels, moe_cuda, qmm_cuda
 
 
 def timed(fn, repeats=50):
@@ -54,7 +56,11 @@ def main():
         print(f"{f'S={S} replay':<28}{err:>12.2e}")
     ok = worst <= 1e-4 and worst_out <= 1e-2
     print(f"worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): {'OK' if ok else 'MISMATCH'}")
-    return 0 if ok and check_mixer() else 1
+    ok = check_mixer() and ok
+    ok = check_moe() and ok
+    ok = check_qmm() and ok
+    compare_steps()
+    return 0 if ok else 1
 
 
 def check_mixer():
@@ -90,6 +96,80 @@ def check_mixer():
     print(f"fused mixer: worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): "
           f"{'OK' if ok else 'MISMATCH'}")
     return ok
+
+
+def check_moe():
+    """The MoE kernels (moe_cuda) against the block's float32 arithmetic on real-size 4-bit layers of both
+    architectures; MLX's bfloat16 operations against the same reference for scale."""
+    ok = True
+    for arch in ("qwen3.5-35b-a3b", "qwen3-next-80b-a3b"):
+        cfg = arch_config(arch, 1)
+        block = build_target(cfg, 4).model.layers[0].mlp
+        print(f"{'MoE kernels, ' + arch:<32}{'error':>8}{'ops err':>9}{'top-k':>7}{'residual':>10}{'kernel ms':>11}{'ops ms':>9}")
+        for N in (1, 2, 5, 8, 16):
+            x, residual = mx.random.normal((2, N, cfg.hidden_size), key=mx.random.key(200 + N)).astype(mx.bfloat16)
+            found = moe_cuda.compare(block, x)
+            exact = mx.array_equal(moe_cuda.moe(block, x, residual), residual + moe_cuda.moe(block, x)).item()
+            t_k = timed(lambda: moe_cuda.moe(block, x, residual))
+            t_o = timed(lambda: residual + block.ops(x))
+            ok = ok and found["top_k"] and found["error"] <= 2e-2 and exact
+            print(f"{f'N={N}':<32}{found['error']:>8.1e}{found['ops_error']:>9.1e}{str(found['top_k']):>7}"
+                  f"{str(exact):>10}{t_k:>11.3f}{t_o:>9.3f}")
+    print(f"MoE kernels: {'OK' if ok else 'MISMATCH'} (error relative to the largest entry of the float32 reference)")
+    return ok
+
+
+def check_qmm():
+    """The tensor-core matmul (qmm_cuda) against float32 arithmetic on dequantized weights, and its time
+    against MLX's quantized_matmul, for the bench model's matrices (10 products per evaluation)."""
+    from specdec.models.layers import Linear
+
+    shapes = {"lm_head": (2048, 248320, 4), "gdn in_proj": (2048, 12352, 4), "gdn out_proj": (4096, 2048, 4),
+              "attn q_proj": (2048, 8192, 4), "attn k_proj": (2048, 512, 4), "router": (2048, 256, 8)}
+    print(f"{'qmm (ours vs MLX)':<28}{'M':>3}{'error':>9}{'MLX err':>9}{'ours ms':>9}{'MLX ms':>8}{'ratio':>7}")
+    ok = True
+    for name, (K, N, bits) in shapes.items():
+        linear = Linear(K, N, bias=False)
+        linear.weight = mx.random.uniform(-K**-0.5, K**-0.5, (N, K)).astype(mx.bfloat16)
+        linear = linear.to_quantized(64, bits)
+        w = mx.dequantize(linear.weight, linear.scales, linear.biases, 64, bits)
+        mx.eval(linear.parameters(), w)
+        for M in (1, 2, 3, 5, 8, 16):
+            x = mx.random.normal((M, K), key=mx.random.key(M)).astype(mx.bfloat16)
+            want = x.astype(mx.float32) @ w.T
+            mlx = lambda: mx.quantized_matmul(x, linear.weight, linear.scales, linear.biases, True, 64, bits)
+            got = qmm_cuda.matmul(linear, x)
+            err, mlx_err = rel_err(got, want), rel_err(mlx(), want)
+            ok = ok and err <= 1e-2
+            t_q = timed(lambda: [qmm_cuda.matmul(linear, x) for _ in range(10)], 10) / 10
+            t_m = timed(lambda: [mlx() for _ in range(10)], 10) / 10
+            print(f"{name:<28}{M:>3}{err:>9.1e}{mlx_err:>9.1e}{t_q:>9.4f}{t_m:>8.4f}{t_m / t_q:>7.2f}")
+        del w
+    print(f"qmm: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+def compare_steps():
+    """Whole compiled steps of the 8-layer bench model with each kernel family on and off (same process,
+    alternating): all kernels, without the MoE kernels, without the tensor-core matmul, without both."""
+    cfg = arch_config("qwen3.5-35b-a3b", 8)
+    model = build_target(cfg, 4)
+    rng = np.random.default_rng(0)
+    cache, _ = prefill(model, rng.integers(0, cfg.vocab_size, 1024).tolist())
+    limits = moe_cuda.MAX_TOKENS, qmm_cuda.MAX_TOKENS  # 0 turns a kernel family off
+    print(f"self-checks passed: moe {kernels.ready('moe')}, qmm {kernels.ready('qmm')}")
+    setups = {"all": limits, "no moe": (0, limits[1]), "no qmm": (limits[0], 0), "neither": (0, 0)}
+    print(f"{'step ms (8 layers, 4-bit)':<28}" + "".join(f"{k:>10}" for k in setups))
+    for S in (1, 2, 3, 4, 5, 8, 16):
+        times = {k: [] for k in setups}
+        for _ in range(2):
+            for k, (moe_max, qmm_max) in setups.items():
+                moe_cuda.MAX_TOKENS, qmm_cuda.MAX_TOKENS = moe_max, qmm_max
+                model.reset_compiled_steps()
+                times[k].append(step_ms(model, cache, S, 20, rng))
+        print(f"{f'S={S}':<28}" + "".join(f"{min(t):>10.3f}" for t in times.values()))
+    moe_cuda.MAX_TOKENS, qmm_cuda.MAX_TOKENS = limits
+    model.reset_compiled_steps()
 
 
 def rel_err(a, b):

@@ -17,7 +17,7 @@ tokens had been processed. The model is never run again for this:
 
 import mlx.core as mx
 
-from .models.gdn import prepare as prepare_gdn
+from .models import kernels
 from .models.gdn import replay_masked
 
 COMMIT_METHODS = ("replay", "states")
@@ -190,7 +190,7 @@ def commit_gdn(layers: list, keep: int):
     todo = [(c, w) for c, w in zip(layers, windows) if w is not None]
     if not todo:
         return
-    prepare_gdn()  # the GDN kernel's self-check evaluates arrays: not inside a trace
+    kernels.prepare()  # the kernels' self-checks evaluate arrays: not inside a trace
     rewound = _rewind_compiled(mx.array(keep, mx.int32), [w for _, w in todo])
     for (c, _), (conv_state, state) in zip(todo, rewound):
         c.conv_state, c.state = conv_state, state

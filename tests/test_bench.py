@@ -51,7 +51,7 @@ def test_cli_report(tmp_path, capsys):
     assert report["commit"]["states"]["window_bytes"]["tape"] == 0
     # "states" holds one fp32 state per window token and GDN layer: 4 v-heads x 32 x 32 x 4 bytes x 5 x 3 layers
     assert report["commit"]["states"]["window_bytes"]["states"] == 4 * 32 * 32 * 4 * 5 * 3
-    assert [r["S"] for r in report["moe"]] == [1, 16]
+    assert [r["S"] for r in report["moe"]] == [1, 5, 16]
     assert [r["S"] for r in report["components"]] == [1, 16]
     assert set(report["components"][0]) == {"S", "lm_head_ms", "gdn_layer_ms", "attention_layer_ms", "moe_layer_ms"}
     assert report["consistency"]["same_argmax"] == 1.0 and report["consistency"]["hidden_max_rel_diff"] < 0.05

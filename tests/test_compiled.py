@@ -80,34 +80,42 @@ def ops_in_place_of_the_kernel(layer, conv_in, proj, state, keep_states, keep_ta
     return out, final, states, (tape if keep_tape else None)
 
 
-def test_fused_mixer_path_keeps_speculation_lossless(tiny, monkeypatch):
-    """The layer's fused-mixer branch (taken on CUDA) with the kernel's contract stood in by operations: decode
-    and verify windows go through it with either commit method, and speculative output still equals plain
-    greedy decoding."""
-    from specdec.models import gdn_cuda, model as model_module
+def test_kernel_paths_keep_speculation_lossless(tiny, monkeypatch):
+    """The branches taken on CUDA (the fused GDN mixer, the MoE kernels with the residual folded in), with the
+    kernels' contracts stood in by operations: decode and verify windows go through them with either commit
+    method, and speculative output still equals plain greedy decoding."""
+    from specdec.models import gdn_cuda, kernels, moe_cuda
 
     target = tiny.model("moe")
     prompt = random_prompt(40, seed=2)
     monkeypatch.setenv("SPECDEC_COMPILE", "0")
     reference = [int(t) for t in run(target, prompt, 60)]
-    calls = []
+    calls, moe_tokens = [], []
 
     def mixer(layer, conv_in, proj, state, keep_states, keep_tape=False):
         calls.append((keep_states, keep_tape))
         return ops_in_place_of_the_kernel(layer, conv_in, proj, state, keep_states, keep_tape)
 
-    monkeypatch.setattr(model_module, "fused_mixer_ready", lambda: True)
+    def moe(layer, x, residual=None):  # moe_cuda.moe's contract
+        moe_tokens.append(x.shape[0])
+        y = layer.ops(x)
+        return y if residual is None else residual + y
+
+    monkeypatch.setattr(kernels, "ready", lambda name: name in ("gdn_mixer", "moe"))
     monkeypatch.setattr(gdn_cuda, "mixer_usable", lambda layer: True)  # the real kernel needs Dv >= 24
     monkeypatch.setattr(gdn_cuda, "mixer", mixer)
+    monkeypatch.setattr(moe_cuda, "usable", lambda layer: True)  # the real kernels need quantized weights
+    monkeypatch.setattr(moe_cuda, "moe", moe)
     for compile_steps in ("0", "1"):
         monkeypatch.setenv("SPECDEC_COMPILE", compile_steps)
         for method in METHODS:
-            calls.clear()
+            calls.clear(), moe_tokens.clear()
             proposer = DraftModelProposer(noisy_copy(tiny.path("moe"), 0.01, seed=1), method, min_confidence=0)
             got = run(target, prompt, 52, proposer, 4, method)
             assert_matches_greedy(target, prompt, got[:60], reference, f"{method}, compiled {compile_steps}")
             # verify windows ran fused, keeping what their commit method needs
             assert (True, False) in calls if method == "states" else (False, True) in calls
+            assert 1 in moe_tokens and 5 in moe_tokens and max(moe_tokens) <= moe_cuda.MAX_TOKENS
 
 
 def test_new_weights_drop_compiled_steps(tiny, compiled_steps):

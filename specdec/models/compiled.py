@@ -17,7 +17,7 @@ from functools import partial
 import mlx.core as mx
 
 from ..cache import GDNCache, KVCache, ModelCache
-from . import gdn
+from . import kernels
 
 MAX_TOKENS = 32  # steps up to this size are compiled: decode and verify windows; prefills run eagerly
 
@@ -79,10 +79,7 @@ class CompiledSteps:
         wants = tuple((c.wants_states, c.wants_tape) if isinstance(c, GDNCache) else None for c in cache)
         fn = self._fns.get((return_hidden, wants))
         if fn is None:
-            from .model import fused_mixer_ready
-
-            gdn.prepare()  # the GDN kernels' self-checks evaluate arrays: not inside a trace
-            fused_mixer_ready()
+            kernels.prepare()  # the kernels' self-checks evaluate arrays: not inside a trace
             fn = self._fns[(return_hidden, wants)] = mx.compile(partial(self._forward, return_hidden, wants))
         offset = cache.offset
         inputs = []

@@ -15,12 +15,11 @@ v-head h reads k-head h // (Hv // Hk), as repeat_interleave does.
 """
 
 import math
-import os
-import warnings
 
 import mlx.core as mx
 
 from ..errors import ShapeError
+from . import gdn_cuda, kernels
 
 # gdn() runs the token loop up to this many tokens and chunks beyond. Measured on a 2-core x86 CPU with
 # Qwen3.5-35B-A3B shapes (32 v-heads, 128x128 state) and 16-token chunks: the two are level from 32 to 48 tokens,
@@ -86,34 +85,17 @@ def _recurrence_ops(q, k, v, g, beta, state, keep_states):
     return out, state, (mx.stack(states, axis=1) if keep_states else None)
 
 
-def _pick_recurrence():
-    # THE dispatch point for the token loop: on MLX's CUDA backend a fused kernel (gdn_cuda.py) runs all S steps
-    # in one launch with the state in registers, once it has passed a self-check against the ops path
-    # (SPECDEC_GDN_KERNEL=0 turns it off). Elsewhere (CPU, Metal) the ops path serves: no untested kernels.
-    # (mx.compile of gdn_step was measured on the CPU: 1.35-1.6x slower than plain ops, so it is not used.)
-    if os.environ.get("SPECDEC_GDN_KERNEL", "1") != "0" and mx.cuda.is_available() and mx.default_device() == mx.gpu:
-        from . import gdn_cuda
-
-        if gdn_cuda.self_check(_recurrence_ops):
-            return lambda q, k, *rest: (
-                gdn_cuda.recurrence_cuda if gdn_cuda.usable(k.shape[-1]) else _recurrence_ops)(q, k, *rest)
-        warnings.warn("the GDN CUDA kernel failed its self-check; using the MLX ops path")
-    return _recurrence_ops
+# On MLX's CUDA backend the token loop runs as one kernel (gdn_cuda.py) with the state in registers, once it has
+# passed a self-check against the ops path (see kernels.py). (mx.compile of gdn_step was measured on the CPU:
+# 1.35-1.6x slower than plain ops, so it is not used.)
+kernels.register("gdn_recurrence", lambda: gdn_cuda.self_check(_recurrence_ops))
 
 
-def prepare():
-    """Pick the token loop's implementation now (the pick may run a self-check: not inside a compiled trace)."""
-    global _recurrence_impl
-    if _recurrence_impl is None:
-        _recurrence_impl = _pick_recurrence()
-    return _recurrence_impl
-
-
-def _recurrence(*args):
-    return prepare()(*args)
-
-
-_recurrence_impl = None  # chosen on first use
+def _recurrence(q, k, *rest):
+    # THE dispatch point for the token loop
+    if kernels.ready("gdn_recurrence") and gdn_cuda.usable(k.shape[-1]):
+        return gdn_cuda.recurrence_cuda(q, k, *rest)
+    return _recurrence_ops(q, k, *rest)
 
 
 def gdn_recurrent(q, k, v, g, beta, state=None, *, return_states=False):

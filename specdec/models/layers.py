@@ -5,7 +5,25 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels, moe_cuda, qmm_cuda
 from .config import ModelConfig
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """MLX's quantized linear map; on CUDA a window of a few tokens runs through the tensor-core kernel
+    (qmm_cuda.py), which reads the weights once rather than once per token."""
+
+    def __call__(self, x):
+        if qmm_cuda.usable(self, x) and kernels.ready("qmm"):
+            return qmm_cuda.matmul(self, x)
+        return super().__call__(x)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose quantized form is the QuantizedLinear above."""
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
 class RMSNorm(nn.Module):
@@ -55,10 +73,10 @@ class Attention(nn.Module):
         self.gated = cfg.gated_attention
         bias = cfg.attention_bias
         q_out = self.n_heads * self.head_dim * (2 if self.gated else 1)
-        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, q_out, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -93,12 +111,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dims: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dims, hidden, bias=bias)
-        self.up_proj = nn.Linear(dims, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dims, bias=bias)
+        self.gate_proj = Linear(dims, hidden, bias=bias)
+        self.up_proj = Linear(dims, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dims, bias=bias)
 
-    def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, residual=None):
+        y = self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if residual is None else residual + y
 
 
 class ExpertLinear(nn.Module):
@@ -192,15 +211,27 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.num_experts, self.hidden = cfg.num_experts, cfg.hidden_size
+        self.intermediate = cfg.moe_intermediate_size
+        self.shared_intermediate = cfg.shared_expert_intermediate_size or 0
+        self.shared = bool(self.shared_intermediate)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        if cfg.shared_expert_intermediate_size:
-            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        if self.shared:
+            self.shared_expert = MLP(cfg.hidden_size, self.shared_intermediate)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
+        """x [..., H] -> the block's output, plus `residual` if given (the kernels fold that add in)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if x.shape[0] <= moe_cuda.MAX_TOKENS and kernels.ready("moe") and moe_cuda.usable(self):
+            return moe_cuda.moe(self, x, None if residual is None else residual.reshape(x.shape)).reshape(shape)
+        y = self.ops(x).reshape(shape)
+        return y if residual is None else residual + y
+
+    def ops(self, x):
+        """x [N, H] -> [N, H] as MLX operations."""
         logits = self.gate(x)  # in the model's dtype: casting it first would cost a launch and change no order
         E, k = logits.shape[-1], self.top_k
         # The k largest router logits are the k largest probabilities. Renormalised over those k, the
@@ -217,6 +248,51 @@ class SparseMoE(nn.Module):
             scores = mx.exp(f32(top) - mx.logsumexp(f32(logits), axis=-1, keepdims=True)).astype(x.dtype)
         # the score-weighted sum of the k expert outputs, as one batched [1, k] @ [k, H] product per token
         y = (scores[:, None, :] @ self.experts(x, indices)).squeeze(-2)
-        if "shared_expert" in self:
+        if self.shared:
             y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y.reshape(shape)
+        return y
+
+
+def _moe_self_check() -> bool:
+    """The kernels on a small random 4-bit bfloat16 block (8-bit router and shared gate, as mlx-community
+    checkpoints quantize them) against its float32 arithmetic (moe_cuda.reference), and the residual add."""
+    cfg = ModelConfig(model_type="qwen3_5_moe", vocab_size=16, hidden_size=1024, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=16,
+                      num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    block = SparseMoE(cfg)
+    block.set_dtype(mx.bfloat16)
+    nn.quantize(block, 64, 8, class_predicate=lambda path, m: path in ("gate", "shared_expert_gate"))
+    nn.quantize(block, 64, 4, class_predicate=lambda path, m: hasattr(m, "to_quantized"))
+    if not moe_cuda.usable(block):
+        raise ValueError("the self-check block is not one the kernels read")
+    x, residual = mx.random.normal((2, 4, cfg.hidden_size), key=mx.random.key(1)).astype(mx.bfloat16)
+    found = moe_cuda.compare(block, x)
+    summed = moe_cuda.moe(block, x, residual)
+    if not (found["top_k"] and found["error"] <= 2e-2 and mx.array_equal(summed, residual + moe_cuda.moe(block, x)).item()):
+        raise ValueError(f"kernels vs float32 reference: {found}")
+    return True
+
+
+# On MLX's CUDA backend, after a self-check against `SparseMoE.ops` (see kernels.py), windows of up to
+# moe_cuda.MAX_TOKENS tokens run the block as two kernels (moe_cuda.py).
+kernels.register("moe", _moe_self_check)
+
+
+def _qmm_self_check() -> bool:
+    """The tensor-core matmul against float32 arithmetic on dequantized weights: 4- and 8-bit, 3 and 11 tokens,
+    a K split between warps (few rows) and none (many)."""
+    keys = iter(mx.random.split(mx.random.key(2), 16))
+    for bits, rows, tokens, split in ((4, 96, 3, 1), (8, 40, 11, None), (4, 4096, 5, 2)):
+        linear = Linear(1024, rows, bias=False)
+        linear.weight = (0.05 * mx.random.normal(linear.weight.shape, key=next(keys))).astype(mx.bfloat16)
+        linear = linear.to_quantized(64, bits)
+        x = mx.random.normal((tokens, 1024), key=next(keys)).astype(mx.bfloat16)
+        want = x.astype(mx.float32) @ mx.dequantize(linear.weight, linear.scales, linear.biases, 64, bits).T
+        got = qmm_cuda.matmul(linear, x, split)
+        if not kernels.close(got, want, 1e-2):
+            raise ValueError(f"{bits}-bit, {rows} rows, {tokens} tokens: max error "
+                             f"{mx.abs(got.astype(mx.float32) - want).max().item():.3g} of {mx.abs(want).max().item():.3g}")
+    return True
+
+
+kernels.register("qmm", _qmm_self_check)

@@ -6,16 +6,13 @@ What differs is read from the config, so there is one forward to test, not five.
 Parameter names follow the Hugging Face checkpoints, so loading needs only a few renames.
 """
 
-import os
-import warnings
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import compiled, gdn_cuda
+from . import compiled, gdn_cuda, kernels
 from .config import ModelConfig
 from .gdn import RECURRENT_MAX_TOKENS, gdn
-from .layers import MLP, Attention, RMSNorm, SparseMoE
+from .layers import MLP, Attention, Linear, RMSNorm, SparseMoE
 
 def l2norm(x, eps=1e-6):
     return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
@@ -69,13 +66,13 @@ class GatedDeltaNet(nn.Module):
                 self.offsets[p] = at
                 at += self.part_sizes[p]
         self.in_proj = [
-            nn.Linear(cfg.hidden_size, sum(self.part_sizes[p] for p in g), bias=False) for g in self.groups
+            Linear(cfg.hidden_size, sum(self.part_sizes[p] for p in g), bias=False) for g in self.groups
         ]
         self.conv1d = DepthwiseConv(self.conv_dim, self.kernel)
         self.dt_bias = mx.ones((self.Hv,))
         self.A_log = mx.zeros((self.Hv,))
         self.norm = GatedRMSNorm(self.Dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, cfg.hidden_size, bias=False)
 
     def project(self, x):
         parts = {}
@@ -89,7 +86,7 @@ class GatedDeltaNet(nn.Module):
         state = cache.state if cache is not None else None
         keep_states = cache is not None and cache.wants_states
         keep_tape = cache is not None and cache.wants_tape
-        if fused_mixer_ready() and gdn_cuda.mixer_usable(self) and S <= RECURRENT_MAX_TOKENS:
+        if kernels.ready("gdn_mixer") and gdn_cuda.mixer_usable(self) and S <= RECURRENT_MAX_TOKENS:
             proj = self.in_proj[0](x)
             at = self.offsets["qkv"]
             conv_in = self.conv_input(cache, proj[..., at : at + self.conv_dim])
@@ -127,53 +124,35 @@ class GatedDeltaNet(nn.Module):
         return out.reshape(B, S, -1), final, (k, v, g, beta), (states[0] if states else None)
 
 
-_fused_mixer = None  # decided on first use: None, then True / False
-
-
-def fused_mixer_ready() -> bool:
-    """On MLX's CUDA backend, after a self-check against `mixer_ops` (SPECDEC_GDN_KERNEL=0 turns the kernels
-    off), decode and verify windows run the GDN mixer as one kernel (gdn_cuda.mixer)."""
-    global _fused_mixer
-    if _fused_mixer is None:
-        _fused_mixer = False
-        if os.environ.get("SPECDEC_GDN_KERNEL", "1") != "0" and mx.cuda.is_available() and mx.default_device() == mx.gpu:
-            _fused_mixer = _mixer_self_check()
-            if not _fused_mixer:
-                warnings.warn("the fused GDN mixer kernel failed its self-check; using MLX operations")
-    return _fused_mixer
-
-
 def _mixer_self_check() -> bool:
     """The fused mixer against mixer_ops on a small random bfloat16 layer shaped like the real ones."""
-    try:
-        cfg = ModelConfig(model_type="qwen3_5_moe", vocab_size=16, hidden_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_num_key_heads=2,
-                          linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
-        layer = GatedDeltaNet(cfg)
-        keys = iter(mx.random.split(mx.random.key(0), 16))
-        rnd = lambda shape, scale: scale * mx.random.normal(shape, key=next(keys))
-        layer.in_proj[0].weight = rnd(layer.in_proj[0].weight.shape, 0.2)
-        layer.conv1d.weight = rnd(layer.conv1d.weight.shape, 0.5)
-        layer.dt_bias, layer.A_log = rnd((layer.Hv,), 1.0), mx.log(mx.random.uniform(1, 16, (layer.Hv,), key=next(keys)))
-        layer.norm.weight = 1 + rnd((layer.Dv,), 0.1)
-        layer.set_dtype(mx.bfloat16)
-        layer.A_log = layer.A_log.astype(mx.float32)
-        x = rnd((1, 3, cfg.hidden_size), 1.0).astype(mx.bfloat16)
-        state = rnd((1, layer.Hv, layer.Dk, layer.Dv), 0.3)
-        proj = layer.in_proj[0](x)
-        qkv, z, b, a = layer.project(x)
-        conv_in = layer.conv_input(None, qkv)
-        want = layer.mixer_ops(conv_in, z, b, a, state, True)
-        got = gdn_cuda.mixer(layer, conv_in, proj, state, True, True)
-        # Relative to the largest entry: a wrong index or formula is off by O(1); rounding (a bfloat16 ulp of a
-        # conv output, carried into the state) by well under 1%.
-        close = lambda u, w, tol: (mx.abs(u.astype(mx.float32) - w.astype(mx.float32)).max()
-                                   <= tol * mx.abs(w.astype(mx.float32)).max()).item()
-        return (close(got[0], want[0], 5e-2) and close(got[1], want[1], 1e-2) and close(got[2], want[3], 1e-2)
-                and all(close(u, w, 5e-2) for u, w in zip(got[3], want[2])))
-    except Exception as e:  # a kernel that does not build or run falls back to the ops path
-        warnings.warn(f"fused GDN mixer: {type(e).__name__}: {e}")
-        return False
+    cfg = ModelConfig(model_type="qwen3_5_moe", vocab_size=16, hidden_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_num_key_heads=2,
+                      linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32)
+    layer = GatedDeltaNet(cfg)
+    keys = iter(mx.random.split(mx.random.key(0), 16))
+    rnd = lambda shape, scale: scale * mx.random.normal(shape, key=next(keys))
+    layer.in_proj[0].weight = rnd(layer.in_proj[0].weight.shape, 0.2)
+    layer.conv1d.weight = rnd(layer.conv1d.weight.shape, 0.5)
+    layer.dt_bias, layer.A_log = rnd((layer.Hv,), 1.0), mx.log(mx.random.uniform(1, 16, (layer.Hv,), key=next(keys)))
+    layer.norm.weight = 1 + rnd((layer.Dv,), 0.1)
+    layer.set_dtype(mx.bfloat16)
+    layer.A_log = layer.A_log.astype(mx.float32)
+    x = rnd((1, 3, cfg.hidden_size), 1.0).astype(mx.bfloat16)
+    state = rnd((1, layer.Hv, layer.Dk, layer.Dv), 0.3)
+    proj = layer.in_proj[0](x)
+    qkv, z, b, a = layer.project(x)
+    conv_in = layer.conv_input(None, qkv)
+    want = layer.mixer_ops(conv_in, z, b, a, state, True)
+    got = gdn_cuda.mixer(layer, conv_in, proj, state, True, True)
+    close = kernels.close
+    return (close(got[0], want[0], 5e-2) and close(got[1], want[1], 1e-2) and close(got[2], want[3], 1e-2)
+            and all(close(u, w, 5e-2) for u, w in zip(got[3], want[2])))
+
+
+# On MLX's CUDA backend, after a self-check against `mixer_ops` (see kernels.py), decode and verify windows run
+# the GDN mixer as one kernel (gdn_cuda.mixer).
+kernels.register("gdn_mixer", _mixer_self_check)
 
 
 class DecoderLayer(nn.Module):
@@ -193,7 +172,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, cache=None):
         mixer = self.linear_attn if "linear_attn" in self else self.self_attn
         h = x + mixer(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
 class Backbone(nn.Module):
@@ -218,7 +197,7 @@ class Model(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._steps = compiled.CompiledSteps(self)
 
     def logits(self, h):

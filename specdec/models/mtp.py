@@ -23,7 +23,7 @@ import mlx.nn as nn
 
 from ..errors import ShapeError
 from .config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .model import DecoderLayer
 
 
@@ -38,7 +38,7 @@ class MTP(nn.Module):
         layer_cfg = replace(cfg, num_hidden_layers=1, layer_types=["full_attention"])
         self.pre_fc_norm_embedding = RMSNorm(H, eps)
         self.pre_fc_norm_hidden = RMSNorm(H, eps)
-        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.fc = Linear(2 * H, H, bias=False)
         self.layers = [DecoderLayer(layer_cfg, 0)]
         self.norm = RMSNorm(H, eps)
 

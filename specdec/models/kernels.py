@@ -1,0 +1,55 @@
+"""Which custom CUDA kernels run: one switch and one self-check record for all of them.
+
+A kernel runs only on MLX's CUDA backend, only if SPECDEC_KERNELS allows it, and only after its self-check
+against the MLX operations it replaces has passed (once per process). Elsewhere (CPU, Metal) the operations
+serve: no untested kernels. SPECDEC_KERNELS is `all` (the default), `none`, or a comma-separated list of the
+kernels to use: `gdn` (the GDN recurrence and the fused GDN mixer) and `moe` (the sparse MoE block).
+"""
+
+import os
+import warnings
+
+import mlx.core as mx
+
+_checks = {}  # kernel name -> its self-check, () -> bool
+_passed = {}  # kernel name -> did its self-check pass
+
+
+def register(name: str, self_check):
+    """Each kernel module registers its kernels' self-checks against the operations they replace."""
+    _checks[name] = self_check
+
+
+def allowed(name: str) -> bool:
+    wanted = os.environ.get("SPECDEC_KERNELS", "all").replace(" ", "")
+    if wanted in ("all", "1", ""):
+        return True
+    return any(name == w or name.startswith(w + "_") for w in wanted.split(","))
+
+
+def ready(name: str) -> bool:
+    """May kernel `name` run here? Its self-check runs on the first call (see `prepare`)."""
+    if not (allowed(name) and mx.cuda.is_available() and mx.default_device() == mx.gpu):
+        return False
+    if name not in _passed:
+        try:
+            _passed[name] = bool(_checks[name]())
+        except Exception as e:  # a kernel that does not build or run leaves the operations in place
+            warnings.warn(f"{name} kernel: {type(e).__name__}: {e}")
+            _passed[name] = False
+        if not _passed[name]:
+            warnings.warn(f"the {name} CUDA kernel failed its self-check; using MLX operations")
+    return _passed[name]
+
+
+def prepare():
+    """Run the self-checks now: they evaluate arrays, which must not happen inside a compiled trace."""
+    for name in _checks:
+        ready(name)
+
+
+def close(got, want, tolerance) -> bool:
+    """Agreement relative to the largest entry: a wrong index or formula is off by O(1), rounding differences
+    (a bfloat16 ulp carried along) by well under a percent."""
+    got, want = got.astype(mx.float32), want.astype(mx.float32)
+    return (mx.abs(got - want).max() <= tolerance * mx.abs(want).max()).item()

@@ -1,0 +1,410 @@
+"""The sparse MoE block of a decode or verify window as two CUDA launches (MLX's CUDA backend).
+
+As MLX operations the block is ~14 graph nodes a layer (top-k, gathers, softmax, two gather matmuls, the
+SwiGLU, the weighted sum, the shared expert's three matmuls, its gate, the residual add), and at a few tokens
+each node costs its ~10 us of launch and bookkeeping while the arithmetic takes a few. Here:
+
+- `moe_gate_up`: one block per (token, slot, tile of intermediate units); a slot is one of the k routed
+  experts or the shared expert. Every block finds the token's top-k experts from the router logits (one warp,
+  k rounds of argmax; ties go to the lower index), then its warps compute gate and up rows of its slot's
+  expert and write silu(gate) * up.
+- `moe_down`: one block per (token, tile of hidden rows): the k expert down rows weighted by the renormalised
+  router scores, the shared expert's down row times sigmoid(its gate), plus the residual.
+
+The router matmul stays an MLX quantized matmul (one launch: all E logits are needed before the top-k).
+Weights are MLX affine-quantized (4 or 8 bits packed little-endian in uint32, w = scale * q + bias per group).
+A lane reads 16 bytes of a row at a time, consecutive lanes consecutive bytes, so a warp reads a row as one
+coalesced stretch; the input vector sits where each lane reads it without bank conflicts (in registers for
+gate/up, transposed in shared memory for down). Dot products run in float32; where the ops path
+(SparseMoE.ops) rounds to the model dtype, so does the kernel: gate and up outputs, silu and its product,
+each expert's down output, the scores, the weighted sum, the shared expert's output and its gate, the
+residual add. What differs is the summation order inside each dot product. `scripts/check_kernels.py`
+compares the two at real size on the GPU; a self-check runs once on a small case before the kernels are used.
+"""
+
+import mlx.core as mx
+
+HEADER = """
+// 16 bytes of a packed row (128 / BITS values) against those values of x, read at x[i * STRIDE]: sum(q * x).
+template <int BITS, int STRIDE>
+__device__ inline float chunk_dot(uint4 w, const float* x) {
+    constexpr int PER = 32 / BITS;
+    constexpr uint32_t MASK = (1u << BITS) - 1u;
+    const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+    float acc = 0.f;
+    #pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        #pragma unroll
+        for (int p = 0; p < PER; ++p) acc += static_cast<float>((ws[u] >> (BITS * p)) & MASK) * x[(u * PER + p) * STRIDE];
+    }
+    return acc;
+}
+
+__device__ inline float warp_sum(float v) {
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+__device__ inline float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+"""
+
+GATE_UP_SOURCE = """
+    // grid: x = tiles * blockDim.x, y = N * SLOTS (slot TOPK is the shared expert)
+    constexpr int SLOTS = TOPK + (HAS_SHARED ? 1 : 0);
+    constexpr int VALS = 128 / BITS;          // values in 16 bytes of packed weights
+    constexpr int CPL = HID / VALS / 32;      // 16-byte chunks of a row per lane: chunk c = lane + 32 i
+    constexpr int WPR = HID * BITS / 32;      // uint32 words in a row
+    constexpr int GROUPS = HID / GS;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int t = blockIdx.y / SLOTS, slot = blockIdx.y % SLOTS;
+    __shared__ int chosen[TOPK];
+    __shared__ float chosen_logit[TOPK];
+
+    float xr[CPL * VALS], xsum[CPL];  // this lane's chunks of x, kept in registers for every row
+    #pragma unroll
+    for (int i = 0; i < CPL; ++i) {
+        const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)t * HID + (lane + 32 * i) * VALS);
+        float s = 0.f;
+        #pragma unroll
+        for (int u = 0; u < VALS / 8; ++u) {  // 8 values of x (16 bytes) per load
+            const uint4 raw = src[u];
+            const T* e = reinterpret_cast<const T*>(&raw);
+            #pragma unroll
+            for (int v = 0; v < 8; ++v) { xr[i * VALS + u * 8 + v] = static_cast<float>(e[v]); s += xr[i * VALS + u * 8 + v]; }
+        }
+        xsum[i] = s;
+    }
+    if (warp == 0) {  // top-k of the router logits: k rounds of argmax over the lanes' strided slices
+        constexpr int PER_LANE = (NE + 31) / 32;
+        float v[PER_LANE];
+        #pragma unroll
+        for (int m = 0; m < PER_LANE; ++m) {
+            const int e = lane + 32 * m;
+            v[m] = e < NE ? static_cast<float>(logits[(size_t)t * NE + e]) : -INFINITY;
+        }
+        unsigned taken = 0;  // bit m: this lane's element m was chosen
+        for (int r = 0; r < TOPK; ++r) {
+            float bv = -INFINITY; int bi = 0x7fffffff;
+            #pragma unroll
+            for (int m = 0; m < PER_LANE; ++m) {
+                const int e = lane + 32 * m;
+                if (e < NE && !(taken >> m & 1u) && (v[m] > bv || bi == 0x7fffffff)) { bv = v[m]; bi = e; }
+            }
+            #pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(0xffffffff, bv, o);
+                const int oi = __shfl_xor_sync(0xffffffff, bi, o);
+                if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+            }
+            if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+            if (lane == 0) { chosen[r] = bi; chosen_logit[r] = bv; }
+        }
+        __syncwarp();
+        if (lane == 0 && slot == 0 && blockIdx.x == 0) {  // one block per token writes the routing
+            const float top = chosen_logit[0];
+            float denom = 0.f;
+            if (NORM_TOPK) {  // softmax of the k logits in float32, rounded once (softmax(precise=True))
+                for (int r = 0; r < TOPK; ++r) denom += expf(chosen_logit[r] - top);
+            } else {          // probabilities over all experts: exp(logit - logsumexp(all logits))
+                for (int e = 0; e < NE; ++e) denom += expf(static_cast<float>(logits[(size_t)t * NE + e]) - top);
+            }
+            for (int r = 0; r < TOPK; ++r) {
+                expert[(size_t)t * TOPK + r] = chosen[r];
+                const float p = NORM_TOPK ? expf(chosen_logit[r] - top) / denom : expf(chosen_logit[r] - top - logf(denom));
+                score[(size_t)t * TOPK + r] = rnd<T>(p);
+            }
+        }
+    }
+    __syncthreads();
+
+    // gate rows and up rows of this slot's matrices: an expert's [2 INTER, HID] slice of gate_up, or the shared expert
+    const size_t base = slot < TOPK ? (size_t)chosen[slot] * 2 * INTER : 0;
+    const uint32_t* wg = reinterpret_cast<const uint32_t*>(slot < TOPK ? gu_w : sg_w) + base * WPR;
+    const uint32_t* wu = reinterpret_cast<const uint32_t*>(slot < TOPK ? gu_w : su_w) + (slot < TOPK ? base + INTER : 0) * WPR;
+    const auto* sg = (slot < TOPK ? gu_s : sg_s) + base * GROUPS;
+    const auto* bg = (slot < TOPK ? gu_b : sg_b) + base * GROUPS;
+    const auto* su = (slot < TOPK ? gu_s : su_s) + (slot < TOPK ? base + INTER : 0) * GROUPS;
+    const auto* bu = (slot < TOPK ? gu_b : su_b) + (slot < TOPK ? base + INTER : 0) * GROUPS;
+    const int j0 = (blockIdx.x * warps + warp) * UNITS;
+    float g[UNITS], up[UNITS];
+    #pragma unroll
+    for (int n = 0; n < UNITS; ++n) {
+        const int j = min(j0 + n, INTER - 1);  // past the end: computed, not written
+        g[n] = up[n] = 0.f;
+        #pragma unroll
+        for (int i = 0; i < CPL; ++i) {
+            const int c = lane + 32 * i, gi = j * GROUPS + c * VALS / GS;
+            const uint4 qg = reinterpret_cast<const uint4*>(wg + (size_t)j * WPR)[c];
+            const uint4 qu = reinterpret_cast<const uint4*>(wu + (size_t)j * WPR)[c];
+            g[n] += static_cast<float>(sg[gi]) * chunk_dot<BITS, 1>(qg, xr + i * VALS) + static_cast<float>(bg[gi]) * xsum[i];
+            up[n] += static_cast<float>(su[gi]) * chunk_dot<BITS, 1>(qu, xr + i * VALS) + static_cast<float>(bu[gi]) * xsum[i];
+        }
+    }
+    #pragma unroll
+    for (int n = 0; n < UNITS; ++n) {
+        const float gs = warp_sum(g[n]), us = warp_sum(up[n]);
+        if (lane == 0 && j0 + n < INTER) {
+            const float gr = rnd<T>(gs), silu = rnd<T>(gr * rnd<T>(sigmoid(gr)));
+            act[((size_t)t * SLOTS + slot) * INTER + j0 + n] = static_cast<T>(silu * rnd<T>(us));
+        }
+    }
+    if (HAS_SHARED && slot == TOPK && blockIdx.x == 0 && warp == 0) {  // the shared expert's gate logit
+        constexpr int VG = 128 / BG;
+        const uint4* wr = reinterpret_cast<const uint4*>(gate_w);
+        float acc = 0.f;
+        for (int c = lane; c < HID / VG; c += 32) {
+            float xv[VG], s = 0.f;
+            #pragma unroll
+            for (int v = 0; v < VG; ++v) { xv[v] = static_cast<float>(x[(size_t)t * HID + c * VG + v]); s += xv[v]; }
+            const int gi = c * VG / GG;
+            acc += static_cast<float>(gate_s[gi]) * chunk_dot<BG, 1>(wr[c], xv) + static_cast<float>(gate_b[gi]) * s;
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) shared_gate[t] = rnd<T>(acc);
+    }
+"""
+
+DOWN_SOURCE = """
+    // grid: x = tiles * blockDim.x, y = N
+    constexpr int SLOTS = TOPK + (HAS_SHARED ? 1 : 0);
+    constexpr int VALS = 128 / BITS, RC = INTER / VALS;   // 16-byte chunks in a down row
+    constexpr int LPS = RC < 32 ? RC : 32;                // lanes per slot (a power of two)
+    constexpr int CPL = RC / LPS, SPP = 32 / LPS;         // chunks per lane, slots per pass
+    constexpr int PASSES = (SLOTS + SPP - 1) / SPP;
+    constexpr int SSTRIDE = INTER + (SPP > 1 ? LPS : 0);  // the teams of one pass read distinct banks
+    constexpr int WPR = INTER * BITS / 32, GROUPS = INTER / GS;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int team = lane / LPS, tl = lane % LPS;
+    const int t = blockIdx.y;
+    __shared__ float acts[SLOTS * SSTRIDE];  // value v of chunk c of slot s at s * SSTRIDE + v * RC + c
+    __shared__ float sums[SLOTS * RC];       // per chunk: the sum of its values
+    __shared__ int ex[TOPK];
+    __shared__ float sc[TOPK];
+    __shared__ float sgate;
+    for (int i = tid; i < SLOTS * INTER; i += blockDim.x) {
+        const int s = i / INTER, e = i % INTER;
+        acts[s * SSTRIDE + (e % VALS) * RC + e / VALS] = static_cast<float>(act[(size_t)t * SLOTS * INTER + i]);
+    }
+    if (tid < TOPK) { ex[tid] = expert[(size_t)t * TOPK + tid]; sc[tid] = score[(size_t)t * TOPK + tid]; }
+    if (HAS_SHARED && tid == 0) sgate = rnd<T>(sigmoid(shared_gate[t]));
+    __syncthreads();
+    for (int i = tid; i < SLOTS * RC; i += blockDim.x) {
+        const float* a = acts + (i / RC) * SSTRIDE + i % RC;
+        float s = 0.f;
+        for (int v = 0; v < VALS; ++v) s += a[v * RC];
+        sums[i] = s;
+    }
+    __syncthreads();
+
+    const int r0 = (blockIdx.x * warps + warp) * UNITS;
+    float d[UNITS][PASSES];
+    #pragma unroll
+    for (int n = 0; n < UNITS; ++n) {
+        const int r = min(r0 + n, HID - 1);  // past the end: computed, not written
+        #pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int s = p * SPP + team;
+            d[n][p] = 0.f;
+            if (s < SLOTS) {
+                const bool routed = s < TOPK;
+                const size_t row = routed ? (size_t)ex[s] * HID + r : (size_t)r;
+                const uint4* wr = reinterpret_cast<const uint4*>(reinterpret_cast<const uint32_t*>(routed ? dn_w : sd_w) + row * WPR);
+                const auto* scl = (routed ? dn_s : sd_s) + row * GROUPS;
+                const auto* bia = (routed ? dn_b : sd_b) + row * GROUPS;
+                #pragma unroll
+                for (int i = 0; i < CPL; ++i) {
+                    const int c = tl + LPS * i, gi = c * VALS / GS;
+                    d[n][p] += static_cast<float>(scl[gi]) * chunk_dot<BITS, RC>(wr[c], acts + s * SSTRIDE + c)
+                             + static_cast<float>(bia[gi]) * sums[s * RC + c];
+                }
+            }
+        }
+    }
+    #pragma unroll
+    for (int n = 0; n < UNITS; ++n) {
+        float weighted = 0.f, shared_out = 0.f;  // sum of score * (expert output rounded to T), in float32
+        #pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            float v = d[n][p];
+            #pragma unroll
+            for (int o = LPS / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+            const int s = p * SPP + team;
+            if (tl == 0 && s < TOPK) weighted += sc[s] * rnd<T>(v);
+            if (HAS_SHARED && tl == 0 && s == TOPK) shared_out = v;
+        }
+        #pragma unroll
+        for (int o = LPS; o < 32; o <<= 1) {
+            weighted += __shfl_xor_sync(0xffffffff, weighted, o);
+            shared_out += __shfl_xor_sync(0xffffffff, shared_out, o);
+        }
+        if (lane == 0 && r0 + n < HID) {
+            float y = rnd<T>(weighted);
+            if (HAS_SHARED) y = rnd<T>(y + rnd<T>(sgate * rnd<T>(shared_out)));
+            const size_t o = (size_t)t * HID + r0 + n;
+            out[o] = static_cast<T>(RESIDUAL ? static_cast<float>(residual[o]) + y : y);
+        }
+    }
+"""
+
+THREADS = 256  # 8 warps a block
+# Rows per warp (intermediate units in moe_gate_up, hidden rows in moe_down): more keep more loads in flight
+# per warp and repeat each block's set-up (top-k, loading x or the activations) over fewer blocks. 2 and 4
+# were the fastest of 1..8 on an H100 at 1 to 8 tokens (by 5-15%).
+GATE_UP_UNITS = 2
+DOWN_UNITS = 4
+# Windows up to this many tokens use the kernels; longer ones sort tokens by expert (ops path), which reads each
+# chosen expert once. Measured on an H100 (8-layer Qwen3.5-35B-A3B, 4-bit, whole compiled steps): the kernels
+# save 0.8 ms at 1 token and 0.6 ms at 5, break even at 8, and cost 1.4 ms more at 16.
+MAX_TOKENS = 8
+SHARED_BYTES = 48 * 1024  # static shared memory a block may use
+MAX_REGISTER_FLOATS = 128  # x values a lane keeps in registers in moe_gate_up: hidden / 32
+
+_kernels = {}
+
+
+def _kernel(name, inputs, outputs, source):
+    if name not in _kernels:
+        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs,
+                                             source=source, header=HEADER)
+    return _kernels[name]
+
+
+def _format(linear):
+    """(bits, group size, scales dtype) of a quantized linear map the kernels read, else None."""
+    bits, gs = getattr(linear, "bits", None), getattr(linear, "group_size", None)
+    if getattr(linear, "mode", None) != "affine" or "biases" not in linear or bits not in (4, 8):
+        return None
+    return (bits, gs, linear.scales.dtype) if gs in (32, 64, 128) else None
+
+
+def _matrices(moe):
+    """The expert and shared-expert matrices the kernels read as one format."""
+    ex = moe.experts
+    found = [getattr(ex, "gate_up", None), getattr(ex, "down", None)]
+    if moe.shared:
+        se = moe.shared_expert
+        found += [se.gate_proj, se.up_proj, se.down_proj]
+    return found
+
+
+def usable(moe) -> bool:
+    """The kernels read MLX affine-quantized weights, 4 or 8 bits, group 32/64/128, one format for all expert and
+    shared-expert matrices (the router and the shared expert's gate may differ, as mlx-community's 8-bit ones
+    do), hidden a multiple of 32 x 16 bytes of packed values (up to 4096), the shared expert as wide as the
+    routed ones. Anything else (float weights, 3-bit, mxfp4, mixed bits) runs as operations."""
+    formats = {_format(m) for m in _matrices(moe)}
+    if len(formats) != 1 or None in formats:
+        return False
+    bits = formats.pop()[0]
+    vals = 128 // bits
+    H, I, slots = moe.hidden, moe.intermediate, moe.top_k + moe.shared
+    row_chunks = I // vals
+    lanes_ok = I % vals == 0 and (row_chunks % 32 == 0 or (row_chunks < 32 and 32 % row_chunks == 0))
+    shared_ok = not moe.shared or (moe.shared_intermediate == I and _format(moe.shared_expert_gate) is not None)
+    down_bytes = 4 * slots * (I + 32) + 4 * slots * row_chunks + 8 * moe.top_k
+    return (lanes_ok and shared_ok and H % (32 * vals) == 0 and H // 32 <= MAX_REGISTER_FLOATS
+            and moe.num_experts <= 32 * 32 and moe.top_k <= moe.num_experts and down_bytes <= SHARED_BYTES)
+
+
+def moe(layer, x, residual=None):
+    """layer: a SparseMoE that `usable` accepts; x [N, H] -> moe(x) [N, H], plus residual [N, H] if given:
+    what SparseMoE.ops computes, in two launches after the router's matmul."""
+    return down(layer, *gate_up(layer, x), residual)
+
+
+def _quantized(linear):
+    return [linear.weight, linear.scales, linear.biases]
+
+
+def _template(layer, dtype, units):
+    bits, gs, _ = _format(layer.experts.gate_up)
+    return [("HID", layer.hidden), ("NE", layer.num_experts), ("TOPK", layer.top_k), ("INTER", layer.intermediate),
+            ("HAS_SHARED", layer.shared), ("BITS", bits), ("GS", gs), ("UNITS", units), ("T", dtype)]
+
+
+def gate_up(layer, x):
+    """The first launch: routing and silu(gate) * up for every (token, slot) -> (act [N, slots, I],
+    expert [N, k] int32, score [N, k] float32 rounded to x's dtype, shared-gate logit [N] float32)."""
+    N = x.shape[0]
+    K, I, slots = layer.top_k, layer.intermediate, layer.top_k + layer.shared
+    ex = layer.experts
+    if layer.shared:
+        se = layer.shared_expert
+        shared = _quantized(se.gate_proj) + _quantized(se.up_proj) + _quantized(layer.shared_expert_gate)
+        BG, GG, _ = _format(layer.shared_expert_gate)
+    else:  # stand-ins: the code that reads them is compiled out
+        shared, (BG, GG) = _quantized(ex.gate_up) * 3, _format(ex.gate_up)[:2]
+    kernel = _kernel("moe_gate_up", ["x", "logits", "gu_w", "gu_s", "gu_b", "sg_w", "sg_s", "sg_b", "su_w", "su_s",
+                                     "su_b", "gate_w", "gate_s", "gate_b"],
+                     ["act", "expert", "score", "shared_gate"], GATE_UP_SOURCE)
+    return kernel(
+        inputs=[x, layer.gate(x)] + _quantized(ex.gate_up) + shared,
+        template=_template(layer, x.dtype, GATE_UP_UNITS) + [("BG", BG), ("GG", GG), ("NORM_TOPK", layer.norm_topk_prob)],
+        grid=(-(-I // (THREADS // 32 * GATE_UP_UNITS)) * THREADS, N * slots, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(N, slots, I), (N, K), (N, K), (N,)],
+        output_dtypes=[x.dtype, mx.int32, mx.float32, mx.float32],
+    )
+
+
+def down(layer, act, expert, score, shared_gate, residual=None):
+    """The second launch: the weighted expert down rows, the gated shared expert, the residual -> [N, H]."""
+    N, H = act.shape[0], layer.hidden
+    ex = layer.experts
+    shared = _quantized(layer.shared_expert.down_proj if layer.shared else ex.down)
+    kernel = _kernel("moe_down", ["act", "expert", "score", "shared_gate", "dn_w", "dn_s", "dn_b", "sd_w", "sd_s",
+                                  "sd_b", "residual"], ["out"], DOWN_SOURCE)
+    (out,) = kernel(
+        inputs=[act, expert, score, shared_gate] + _quantized(ex.down) + shared
+        + [residual if residual is not None else act],
+        template=_template(layer, act.dtype, DOWN_UNITS) + [("RESIDUAL", residual is not None)],
+        grid=(-(-H // (THREADS // 32 * DOWN_UNITS)) * THREADS, N, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(N, H)],
+        output_dtypes=[act.dtype],
+    )
+    return out
+
+
+def reference(layer, x, expert):
+    """The block in float32 from its dequantized weights, with no intermediate rounding, routed to `expert`
+    [N, k]: what the kernels approximate to within bfloat16 rounding. (MLX's own bfloat16 path is further off:
+    its quantized matmuls accumulate 4-bit products in bfloat16.)"""
+    f32 = lambda a: a.astype(mx.float32)
+    deq = lambda lin: f32(mx.dequantize(lin.weight, lin.scales, lin.biases, lin.group_size, lin.bits))
+    logits, x = f32(layer.gate(x)), f32(x)
+    top = mx.take_along_axis(logits, expert, axis=-1)
+    scores = mx.softmax(top, axis=-1) if layer.norm_topk_prob else mx.exp(top - mx.logsumexp(logits, -1, True))
+    swiglu = lambda gate, up: gate * mx.sigmoid(gate) * up
+    gu = mx.gather_mm(x[:, None, None, :], deq(layer.experts.gate_up).swapaxes(-1, -2), rhs_indices=expert)
+    act = swiglu(*mx.split(gu, 2, axis=-1))
+    y = mx.gather_mm(act, deq(layer.experts.down).swapaxes(-1, -2), rhs_indices=expert).squeeze(-2)
+    y = (scores[:, None, :] @ y).squeeze(-2)
+    if layer.shared:
+        se = layer.shared_expert
+        shared = swiglu(x @ deq(se.gate_proj).T, x @ deq(se.up_proj).T) @ deq(se.down_proj).T
+        y = y + mx.sigmoid(x @ deq(layer.shared_expert_gate).T) * shared
+    return y
+
+
+def compare(layer, x) -> dict:
+    """The kernels on tokens x [N, H] against `reference`, routed to the kernel's experts. Router logits often
+    tie in bfloat16 (at real size about one token in five has equal k-th and k+1-th logits) and a tie may
+    resolve either way, so the experts are checked to be a top-k rather than equal to argpartition's.
+    -> {"top_k": bool, "error": max error relative to the reference's largest entry, "ops_error": the same
+    for SparseMoE.ops on the tokens argpartition routes alike}."""
+    k = layer.top_k
+    act, expert, score, shared_gate = gate_up(layer, x)
+    got, want = down(layer, act, expert, score, shared_gate), reference(layer, x, expert)
+    logits = layer.gate(x).astype(mx.float32)
+    kth = mx.sort(logits, axis=-1)[:, -k]
+    top_k = (mx.take_along_axis(logits, expert, axis=-1) >= kth[:, None]).all().item()
+    theirs = mx.sort(mx.argpartition(logits, kth=-k, axis=-1)[:, -k:], axis=-1)
+    alike = (mx.sort(expert, axis=-1) == theirs).all(axis=-1, keepdims=True)
+    scale = mx.abs(want).max()
+    error = lambda out, where=True: (mx.where(where, mx.abs(out.astype(mx.float32) - want), 0).max() / scale).item()
+    return {"top_k": top_k, "error": error(got), "ops_error": error(layer.ops(x), alike)}

@@ -1,0 +1,115 @@
+"""The CUDA kernels' Python side, which runs everywhere: the SPECDEC_KERNELS switch, which layers and shapes
+each kernel takes, the float32 reference the MoE kernels are checked against on the GPU, and the quantized
+layers staying exactly MLX's own wherever the kernels do not run. The kernels themselves need MLX's CUDA
+backend: scripts/check_kernels.py checks them there, and each self-checks before first use."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from specdec.bench import arch_config
+from specdec.loading import quantize_model
+from specdec.models import kernels, moe_cuda, qmm_cuda
+from specdec.models.config import ModelConfig
+from specdec.models.layers import Linear, QuantizedLinear, SparseMoE
+
+
+@pytest.mark.parametrize("setting, on", [
+    (None, {"gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
+    ("all", {"gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
+    ("none", set()),
+    ("0", set()),
+    ("gdn", {"gdn_mixer", "gdn_recurrence"}),
+    ("moe, qmm", {"moe", "qmm"}),
+])
+def test_kernel_switch(monkeypatch, setting, on):
+    if setting is None:
+        monkeypatch.delenv("SPECDEC_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("SPECDEC_KERNELS", setting)
+    names = {"gdn_mixer", "gdn_recurrence", "moe", "qmm"}
+    assert {n for n in names if kernels.allowed(n)} == on
+
+
+def test_no_kernel_runs_off_cuda():
+    assert mx.default_device() == mx.cpu or not mx.cuda.is_available()
+    assert not any(kernels.ready(name) for name in ("gdn_mixer", "gdn_recurrence", "moe", "qmm"))
+
+
+def moe_block(bits=4, dtype=mx.bfloat16, cfg=None, **overrides):
+    """A SparseMoE quantized as mlx-community does (lazily: the shape checks evaluate nothing)."""
+    fields = dict(model_type="qwen3_5_moe", vocab_size=16, hidden_size=1024, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=16,
+                  num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=64)
+    block = SparseMoE(cfg or ModelConfig(**{**fields, **overrides}))
+    block.set_dtype(dtype)
+    if bits:
+        quantize_model(block, bits)
+    return block
+
+
+def test_moe_kernels_take_the_mlx_community_layouts():
+    for arch in ("qwen3.5-35b-a3b", "qwen3-next-80b-a3b"):
+        assert moe_cuda.usable(moe_block(cfg=arch_config(arch, 1)))
+    assert moe_cuda.usable(moe_block(8))
+    assert moe_cuda.usable(moe_block(4, shared_expert_intermediate_size=0))
+
+
+@pytest.mark.parametrize("why, block", [
+    ("float weights", lambda: moe_block(None)),
+    ("3-bit", lambda: moe_block(3)),
+    ("shared expert wider than the routed ones", lambda: moe_block(4, shared_expert_intermediate_size=128)),
+    ("hidden not a multiple of 32 x 16 bytes", lambda: moe_block(4, hidden_size=512 + 64)),
+])
+def test_moe_kernels_refuse_what_they_cannot_read(why, block):
+    assert not moe_cuda.usable(block()), why
+
+
+def test_moe_reference_is_the_blocks_arithmetic():
+    """moe_cuda.reference (the GPU check's yardstick) computes what SparseMoE.ops does: on a float32 block the
+    two agree closely when routed alike."""
+    block = moe_block(4, dtype=mx.float32)
+    x = mx.random.normal((5, 1024), key=mx.random.key(0))
+    logits = block.gate(x)
+    experts = mx.argpartition(logits, kth=-block.top_k, axis=-1)[:, -block.top_k:]
+    want, got = block.ops(x), moe_cuda.reference(block, x, experts)
+    assert np.allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5 * float(mx.abs(want).max()))
+
+
+def quantized(rows, cols, bits=4):
+    layer = Linear(cols, rows, bias=False)
+    layer.set_dtype(mx.bfloat16)
+    return layer.to_quantized(64, bits)
+
+
+@pytest.mark.parametrize("rows, cols, tokens, used", [
+    (248320, 2048, 1, True),    # the output head: faster here at 1 to 8 tokens
+    (248320, 2048, 8, True),
+    (248320, 2048, 9, False),
+    (12352, 2048, 1, False),    # a GDN input projection: MLX reads it once at 1 token
+    (12352, 2048, 2, True),     # ... and once per token at 2 to 7
+    (12352, 2048, 7, True),
+    (12352, 2048, 8, False),
+    (512, 2048, 5, False),      # small matrices are launch-bound: MLX launches faster
+])
+def test_tensor_core_matmul_takes_the_products_it_speeds_up(rows, cols, tokens, used):
+    layer = Linear(cols, rows, bias=False)  # unevaluated weights: only shapes are read
+    layer = layer.to_quantized(64, 4)
+    layer.scales = layer.scales.astype(mx.bfloat16)
+    x = mx.zeros((1, tokens, cols), mx.bfloat16)
+    assert qmm_cuda.usable(layer, x) == used
+
+
+def test_tensor_core_matmul_needs_bfloat16_and_mlx_affine_weights():
+    x = mx.zeros((3, 2048), mx.bfloat16)
+    assert qmm_cuda.usable(quantized(8192, 2048), x)
+    assert not qmm_cuda.usable(quantized(8192, 2048), x.astype(mx.float16))
+    assert not qmm_cuda.usable(quantized(8192, 2048, bits=3), x)
+
+
+def test_quantized_linear_is_mlx_s_own_off_cuda():
+    layer = quantized(96, 128)
+    assert isinstance(layer, QuantizedLinear)
+    x = mx.random.normal((3, 128)).astype(mx.bfloat16)
+    assert mx.array_equal(layer(x), nn.QuantizedLinear.__call__(layer, x)).item()
