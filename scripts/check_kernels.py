@@ -3,7 +3,7 @@
 windows and replay, the fused GDN mixer (conv, norms, gates, recurrence, gated norm) and the MoE kernels of
 random-weight layers; prints errors and timings, then whole compiled steps with the MoE kernels on and off.
 
-    python scripts/check_kernels.py          # on a machine with MLX's CUDA backend
+    python scripts/check_kernels.py [--no-steps]   # on a machine with MLX's CUDA backend
 """
 
 import sys
@@ -59,7 +59,8 @@ def main():
     ok = check_mixer() and ok
     ok = check_moe() and ok
     ok = check_qmm() and ok
-    compare_steps()
+    if "--no-steps" not in sys.argv:
+        compare_steps()
     return 0 if ok else 1
 
 
@@ -116,6 +117,15 @@ def check_moe():
             print(f"{f'N={N}':<32}{found['error']:>8.1e}{found['ops_error']:>9.1e}{str(found['top_k']):>7}"
                   f"{str(exact):>10}{t_k:>11.3f}{t_o:>9.3f}")
     print(f"MoE kernels: {'OK' if ok else 'MISMATCH'} (error relative to the largest entry of the float32 reference)")
+    # Float (unquantized) experts run as MLX operations everywhere; their sorted path (5+ tokens) must hold too.
+    block = build_target(arch_config("qwen3.5-35b-a3b", 1), 16).model.layers[0].mlp
+    for N in (1, 5, 64):
+        x = mx.random.normal((N, block.hidden), key=mx.random.key(300 + N)).astype(mx.bfloat16)
+        logits = block.gate(x)
+        experts = mx.argpartition(logits, kth=-block.top_k, axis=-1)[:, -block.top_k:]
+        err = rel_err(block.ops(x), moe_cuda.reference(block, x, experts))
+        ok = ok and err <= 2e-2
+        print(f"bfloat16 MoE block (operations), N={N}: error {err:.1e}")
     return ok
 
 
@@ -145,7 +155,34 @@ def check_qmm():
             t_m = timed(lambda: [mlx() for _ in range(10)], 10) / 10
             print(f"{name:<28}{M:>3}{err:>9.1e}{mlx_err:>9.1e}{t_q:>9.4f}{t_m:>8.4f}{t_m / t_q:>7.2f}")
         del w
+    ok = check_grouped() and ok
     print(f"qmm: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+def check_grouped():
+    """The grouped product (rows sorted by expert) against float32 arithmetic and MLX's sorted gather_qmm, on the
+    bench model's experts: 5 tokens x top-8 (a verify window) and a 1024-token prefill chunk."""
+    block = build_target(arch_config("qwen3.5-35b-a3b", 1), 4).model.layers[0].mlp
+    ok = True
+    for layer, name in ((block.experts.gate_up, "gate_up"), (block.experts.down, "down")):
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4)
+        for tokens in (5, 1024):
+            K = w.shape[-1]
+            x = mx.random.normal((tokens, K), key=mx.random.key(tokens)).astype(mx.bfloat16)
+            idx = mx.sort(mx.argpartition(mx.random.normal((tokens, w.shape[0])), kth=-8, axis=-1)[:, -8:].flatten())
+            h = x[mx.random.randint(0, tokens, (idx.size,))]
+            got = qmm_cuda.grouped_matmul(layer, h, idx)
+            mlx = lambda: mx.gather_qmm(h[:, None, :], layer.weight, layer.scales, layer.biases, rhs_indices=idx,
+                                        transpose=True, group_size=64, bits=4, sorted_indices=True).squeeze(1)
+            rows = mx.arange(0, idx.size, max(1, idx.size // 64))
+            want = (h[rows].astype(mx.float32)[:, None, :] @ w[idx[rows]].astype(mx.float32).swapaxes(-1, -2)).squeeze(1)
+            err, mlx_err = rel_err(got[rows], want), rel_err(mlx()[rows], want)
+            ok = ok and err <= 1e-2
+            t_g = timed(lambda: qmm_cuda.grouped_matmul(layer, h, idx), 10)
+            t_m = timed(mlx, 10)
+            print(f"{'grouped ' + name:<28}{idx.size:>6}{err:>9.1e}{mlx_err:>9.1e}{t_g:>9.3f}{t_m:>8.3f}{t_m / t_g:>7.2f}")
+        del w
     return ok
 
 

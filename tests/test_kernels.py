@@ -66,10 +66,11 @@ def test_moe_kernels_refuse_what_they_cannot_read(why, block):
     assert not moe_cuda.usable(block()), why
 
 
-def test_moe_reference_is_the_blocks_arithmetic():
-    """moe_cuda.reference (the GPU check's yardstick) computes what SparseMoE.ops does: on a float32 block the
-    two agree closely when routed alike."""
-    block = moe_block(4, dtype=mx.float32)
+@pytest.mark.parametrize("bits", [4, None])
+def test_moe_reference_is_the_blocks_arithmetic(bits):
+    """moe_cuda.reference (the GPU check's yardstick) computes what SparseMoE.ops does: on a float32 block,
+    quantized or not, the two agree closely when routed alike."""
+    block = moe_block(bits, dtype=mx.float32)
     x = mx.random.normal((5, 1024), key=mx.random.key(0))
     logits = block.gate(x)
     experts = mx.argpartition(logits, kth=-block.top_k, axis=-1)[:, -block.top_k:]
@@ -113,3 +114,12 @@ def test_quantized_linear_is_mlx_s_own_off_cuda():
     assert isinstance(layer, QuantizedLinear)
     x = mx.random.normal((3, 128)).astype(mx.bfloat16)
     assert mx.array_equal(layer(x), nn.QuantizedLinear.__call__(layer, x)).item()
+
+
+def test_expert_tiles_cover_each_experts_rows_in_16_row_tiles():
+    idx = mx.array([0] * 3 + [1] * 17 + [3] * 40 + [4], mx.int32)
+    tile_end, start, count = qmm_cuda.expert_tiles(idx, 6)
+    assert count.tolist() == [3, 17, 0, 40, 1, 0]
+    assert start.tolist() == [0, 3, 20, 20, 60, 61]
+    assert tile_end.tolist() == [1, 3, 3, 6, 7, 7]  # 1 + 2 + 0 + 3 + 1 tiles; the grid's bound covers them
+    assert tile_end[-1].item() <= -(-idx.size // qmm_cuda.GROUP_TILE) + 6

@@ -134,7 +134,11 @@ class ExpertLinear(nn.Module):
             y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=indices,
                              sorted_indices=sorted_indices)
             return y.astype(x.dtype)
-        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        # MLX-CUDA 0.32.4's gather_mm with sorted_indices=True returns wrong products (errors of the order of the
+        # outputs, float32 and bfloat16 alike; scripts/check_kernels.py checks it). The rows are sorted either
+        # way; without the hint the result is right.
+        sorted_hint = sorted_indices and not mx.cuda.is_available()
+        return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_hint)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedExpertLinear.from_float(self, group_size, bits, mode)
@@ -188,21 +192,26 @@ class Experts(nn.Module):
     def __call__(self, x, indices):
         # x [N, H], indices [N, k] -> [N, k, H]
         N, k = indices.shape
-        do_sort = indices.size >= sort_threshold()
-        if do_sort:  # group rows by expert so each expert's weights are read once, contiguously
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            inverse = mx.argsort(order)
-            h = x[order // k][:, None, :]
-            idx = flat[order]
+        if indices.size < sort_threshold():
+            gate, up = mx.split(self.gate_up(x[:, None, None, :], indices), 2, axis=-1)
+            return self.down(nn.silu(gate) * up, indices).squeeze(-2)
+        # group rows by expert so each expert's weights are read once, contiguously
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        h, idx = x[order // k], flat[order]
+        if self.grouped_kernel_ready(x, indices.size):
+            tiles = qmm_cuda.expert_tiles(idx, self.gate_up.weight.shape[0])
+            matmul = lambda layer, a: qmm_cuda.grouped_matmul(layer, a, idx, tiles)
         else:
-            h = x[:, None, None, :]
-            idx = indices
-        gate, up = mx.split(self.gate_up(h, idx, do_sort), 2, axis=-1)
-        y = self.down(nn.silu(gate) * up, idx, do_sort)
-        if do_sort:
-            return y.squeeze(-2)[inverse].reshape(N, k, -1)
-        return y.squeeze(-2)
+            matmul = lambda layer, a: layer(a[:, None, :], idx, True).squeeze(-2)
+        gate, up = mx.split(matmul(self.gate_up, h), 2, axis=-1)
+        y = matmul(self.down, nn.silu(gate) * up)
+        return y[mx.argsort(order)].reshape(N, k, -1)
+
+    def grouped_kernel_ready(self, x, rows: int) -> bool:
+        """On CUDA, quantized experts multiply many sorted rows (a prefill's) with qmm_cuda.grouped_matmul."""
+        return (rows >= qmm_cuda.GROUPED_MIN_ROWS and isinstance(self.gate_up, QuantizedExpertLinear)
+                and qmm_cuda.formats_ok(self.gate_up, x) and qmm_cuda.formats_ok(self.down, x) and kernels.ready("qmm"))
 
 
 class SparseMoE(nn.Module):
@@ -280,7 +289,7 @@ kernels.register("moe", _moe_self_check)
 
 def _qmm_self_check() -> bool:
     """The tensor-core matmul against float32 arithmetic on dequantized weights: 4- and 8-bit, 3 and 11 tokens,
-    a K split between warps (few rows) and none (many)."""
+    a K split between warps (few rows) and none (many); and the grouped form, rows sorted over uneven experts."""
     keys = iter(mx.random.split(mx.random.key(2), 16))
     for bits, rows, tokens, split in ((4, 96, 3, 1), (8, 40, 11, None), (4, 4096, 5, 2)):
         linear = Linear(1024, rows, bias=False)
@@ -292,6 +301,16 @@ def _qmm_self_check() -> bool:
         if not kernels.close(got, want, 1e-2):
             raise ValueError(f"{bits}-bit, {rows} rows, {tokens} tokens: max error "
                              f"{mx.abs(got.astype(mx.float32) - want).max().item():.3g} of {mx.abs(want).max().item():.3g}")
+    experts = ExpertLinear(5, 1024, 96)
+    experts.weight = (0.05 * mx.random.normal(experts.weight.shape, key=next(keys))).astype(mx.bfloat16)
+    experts = experts.to_quantized(64, 4)
+    idx = mx.array([0] * 3 + [1] * 17 + [3] * 40 + [4], mx.int32)  # 1, 2, 3 tiles; expert 2 unused
+    x = mx.random.normal((idx.size, 1024), key=next(keys)).astype(mx.bfloat16)
+    w = mx.dequantize(experts.weight, experts.scales, experts.biases, 64, 4).astype(mx.float32)
+    want = (x.astype(mx.float32)[:, None, :] @ w[idx].swapaxes(-1, -2)).squeeze(1)
+    got = qmm_cuda.grouped_matmul(experts, x, idx)
+    if not kernels.close(got, want, 1e-2):
+        raise ValueError(f"grouped: max error {mx.abs(got.astype(mx.float32) - want).max().item():.3g}")
     return True
 
 

@@ -371,11 +371,12 @@ def down(layer, act, expert, score, shared_gate, residual=None):
 
 
 def reference(layer, x, expert):
-    """The block in float32 from its dequantized weights, with no intermediate rounding, routed to `expert`
+    """The block in float32 from its (dequantized) weights, with no intermediate rounding, routed to `expert`
     [N, k]: what the kernels approximate to within bfloat16 rounding. (MLX's own bfloat16 path is further off:
-    its quantized matmuls accumulate 4-bit products in bfloat16.)"""
+    its quantized matmuls accumulate 4-bit products in bfloat16.) Runs on float blocks too."""
     f32 = lambda a: a.astype(mx.float32)
-    deq = lambda lin: f32(mx.dequantize(lin.weight, lin.scales, lin.biases, lin.group_size, lin.bits))
+    deq = lambda lin: f32(mx.dequantize(lin.weight, lin.scales, lin.biases, lin.group_size, lin.bits)
+                          if "scales" in lin else lin.weight)
     logits, x = f32(layer.gate(x)), f32(x)
     top = mx.take_along_axis(logits, expert, axis=-1)
     scores = mx.softmax(top, axis=-1) if layer.norm_topk_prob else mx.exp(top - mx.logsumexp(logits, -1, True))
