@@ -130,13 +130,16 @@ MAX_TOKENS = 8  # the kernel takes up to 16 (two 8-token tiles); past 8 MLX is a
 # matrix once per token for 2 to 7 tokens, so there any matrix past a few MB is faster here (12 MB: 1.6x at 2
 # tokens, 3.1x at 5); at 1 and 8+ tokens MLX reads it once too, and only the output head (250 MB) is faster
 # here (1.7x at 1 token, 1.25x at 8, 0.8x at 16). Small matrices are launch-bound, and MLX launches faster.
+# A prefill's dense products (1024 tokens) stay with MLX's tiled kernel: 0.6x of its speed here.
 LARGE_BYTES = 32 * 2**20
 MEDIUM_BYTES = 6 * 2**20
 TARGET_BLOCKS = 264  # two blocks per SM of an H100: split K until a matrix has this many
 
 # Which rows of x a block multiplies, and with which matrix: all of x (up to 16 tokens) with the one matrix, or
 # (grouped) one tile of up to 16 rows of x sorted by expert, with that expert's matrix of a stacked [E, N, K].
-TOKENS_PROLOGUE = "const int N = w_shape[0], e = 0, t0 = 0, t1 = x_shape[0];"
+TOKENS_PROLOGUE = """
+    const int N = w_shape[0], e = 0, t0 = blockIdx.y * 8 * NT, t1 = min(t0 + 8 * NT, x_shape[0]);
+"""
 GROUPED_PROLOGUE = """
     const int N = w_shape[1], E = tile_end_shape[0], z = blockIdx.y;
     if (z >= tile_end[E - 1]) return;                   // past the last tile (the grid is an upper bound)
@@ -175,19 +178,21 @@ def _k_split(rows: int, groups: int) -> int:
     return split
 
 
-def matmul(linear, x, split=None):
-    """x [..., K] @ the QuantizedLinear's dequantized weight.T (+ its bias) for up to 16 tokens (see `usable`);
-    `split`: warps sharing a row tile's K (a power of two up to 8), chosen from the shape by default."""
+def matmul(linear, x, split=None, nt=None):
+    """x [..., K] @ the QuantizedLinear's dequantized weight.T (+ its bias) (see `usable`). Blocks take 8 * nt
+    rows of x (all of them, up to 16, by default); `split`: warps sharing a row tile's K (a power of two up
+    to 8), chosen from the shape by default."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M, N = x2.shape[0], linear.weight.shape[0]
-    split = split or _k_split(N, K // linear.group_size)
+    nt = nt or -(-M // 8)
+    split = split or _k_split(N * -(-M // (8 * nt)), K // linear.group_size)
     rows_per_block = 16 * 8 // split
     (out,) = _get_kernel(grouped=False)(
         inputs=[x2, linear.weight, linear.scales, linear.biases],
-        template=[("K", K), ("BITS", linear.bits), ("GS", linear.group_size), ("NT", -(-M // 8)),
+        template=[("K", K), ("BITS", linear.bits), ("GS", linear.group_size), ("NT", nt),
                   ("KSPLIT", split), ("T", x.dtype)],
-        grid=(-(-N // rows_per_block) * 256, 1, 1),
+        grid=(-(-N // rows_per_block) * 256, -(-M // (8 * nt)), 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(M, N)],
         output_dtypes=[x.dtype],
@@ -204,12 +209,13 @@ def formats_ok(layer, x) -> bool:
             and x.dtype == mx.bfloat16 and layer.scales.dtype == mx.bfloat16 and x.shape[-1] % gs == 0)
 
 
-def expert_tiles(indices, num_experts: int):
+def expert_tiles(indices, num_experts: int, tile: int = None):
     """For rows sorted by expert (`indices` [P], non-decreasing): (tile_end, start, count) [E] int32, the running
-    count of 16-row tiles, each expert's first row, and its number of rows."""
+    count of `tile`-row tiles, each expert's first row, and its number of rows."""
+    tile = tile or GROUP_TILE
     count = mx.zeros((num_experts,), mx.int32).at[indices].add(1)
     end = mx.cumsum(count)
-    return mx.cumsum((count + GROUP_TILE - 1) // GROUP_TILE), end - count, count
+    return mx.cumsum((count + tile - 1) // tile), end - count, count
 
 
 GROUP_TILE = 16  # rows of x per block in the grouped product (two 8-token mma tiles)
@@ -219,18 +225,19 @@ GROUP_TILE = 16  # rows of x per block in the grouped product (two 8-token mma t
 GROUPED_MIN_ROWS = 256
 
 
-def grouped_matmul(layer, x, indices, tiles=None):
+def grouped_matmul(layer, x, indices, tiles=None, nt=None):
     """x [P, K] sorted by expert, indices [P] the expert of each row -> [P, N]: each row times its expert's
     dequantized [N, K] matrix of a QuantizedExpertLinear's [E, N, K], each expert's weights read once per
     16 rows. MLX-CUDA's gather_qmm takes ~7 ms for a 1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
     P, K = x.shape
     E, N = layer.weight.shape[:2]
-    tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E)
+    nt = nt or GROUP_TILE // 8
+    tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E, 8 * nt)
     (out,) = _get_kernel(grouped=True)(
         inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count],
-        template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", GROUP_TILE // 8),
+        template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", nt),
                   ("KSPLIT", 1), ("T", x.dtype)],
-        grid=(-(-N // 128) * 256, -(-P // GROUP_TILE) + E, 1),
+        grid=(-(-N // 128) * 256, -(-P // (8 * nt)) + E, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(P, N)],
         output_dtypes=[x.dtype],
