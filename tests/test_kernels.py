@@ -59,6 +59,7 @@ def test_moe_kernels_take_the_mlx_community_layouts():
 @pytest.mark.parametrize("why, block", [
     ("float weights", lambda: moe_block(None)),
     ("3-bit", lambda: moe_block(3)),
+    ("float16 (the self-check runs bfloat16)", lambda: moe_block(4, dtype=mx.float16)),
     ("shared expert wider than the routed ones", lambda: moe_block(4, shared_expert_intermediate_size=128)),
     ("hidden not a multiple of 32 x 16 bytes", lambda: moe_block(4, hidden_size=512 + 64)),
 ])

@@ -234,7 +234,7 @@ class SparseMoE(nn.Module):
         """x [..., H] -> the block's output, plus `residual` if given (the kernels fold that add in)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if x.shape[0] <= moe_cuda.MAX_TOKENS and kernels.ready("moe") and moe_cuda.usable(self):
+        if x.shape[0] <= moe_cuda.MAX_TOKENS and x.dtype == mx.bfloat16 and kernels.ready("moe") and moe_cuda.usable(self):
             return moe_cuda.moe(self, x, None if residual is None else residual.reshape(x.shape)).reshape(shape)
         y = self.ops(x).reshape(shape)
         return y if residual is None else residual + y
