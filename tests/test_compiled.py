@@ -104,7 +104,7 @@ def test_kernel_paths_keep_speculation_lossless(tiny, monkeypatch):
     monkeypatch.setattr(kernels, "ready", lambda name: name in ("gdn_mixer", "moe"))
     monkeypatch.setattr(gdn_cuda, "mixer_usable", lambda layer: True)  # the real kernel needs Dv >= 24
     monkeypatch.setattr(gdn_cuda, "mixer", mixer)
-    monkeypatch.setattr(moe_cuda, "usable", lambda layer: True)  # the real kernels need quantized weights
+    monkeypatch.setattr(moe_cuda, "usable", lambda layer, x: True)  # the real kernels need quantized bf16 weights
     monkeypatch.setattr(moe_cuda, "moe", moe)
     for compile_steps in ("0", "1"):
         monkeypatch.setenv("SPECDEC_COMPILE", compile_steps)

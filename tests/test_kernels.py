@@ -51,9 +51,12 @@ def moe_block(bits=4, dtype=mx.bfloat16, cfg=None, **overrides):
 
 def test_moe_kernels_take_the_mlx_community_layouts():
     for arch in ("qwen3.5-35b-a3b", "qwen3-next-80b-a3b"):
-        assert moe_cuda.usable(moe_block(cfg=arch_config(arch, 1)))
-    assert moe_cuda.usable(moe_block(8))
-    assert moe_cuda.usable(moe_block(4, shared_expert_intermediate_size=0))
+        block = moe_block(cfg=arch_config(arch, 1))
+        assert moe_cuda.usable(block, mx.zeros((1, block.hidden), mx.bfloat16))
+    x = mx.zeros((3, 1024), mx.bfloat16)
+    assert moe_cuda.usable(moe_block(8), x)
+    assert moe_cuda.usable(moe_block(4, shared_expert_intermediate_size=0), x)
+    assert not moe_cuda.usable(moe_block(4), x.astype(mx.float32))
 
 
 @pytest.mark.parametrize("why, block", [
@@ -64,7 +67,8 @@ def test_moe_kernels_take_the_mlx_community_layouts():
     ("hidden not a multiple of 32 x 16 bytes", lambda: moe_block(4, hidden_size=512 + 64)),
 ])
 def test_moe_kernels_refuse_what_they_cannot_read(why, block):
-    assert not moe_cuda.usable(block()), why
+    b = block()
+    assert not moe_cuda.usable(b, mx.zeros((1, b.hidden), mx.bfloat16)), why
 
 
 @pytest.mark.parametrize("bits", [4, None])

@@ -234,7 +234,7 @@ class SparseMoE(nn.Module):
         """x [..., H] -> the block's output, plus `residual` if given (the kernels fold that add in)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if x.shape[0] <= moe_cuda.MAX_TOKENS and x.dtype == mx.bfloat16 and kernels.ready("moe") and moe_cuda.usable(self):
+        if x.shape[0] <= moe_cuda.MAX_TOKENS and kernels.ready("moe") and moe_cuda.usable(self, x):
             return moe_cuda.moe(self, x, None if residual is None else residual.reshape(x.shape)).reshape(shape)
         y = self.ops(x).reshape(shape)
         return y if residual is None else residual + y
@@ -272,9 +272,9 @@ def _moe_self_check() -> bool:
     block.set_dtype(mx.bfloat16)
     nn.quantize(block, 64, 8, class_predicate=lambda path, m: path in ("gate", "shared_expert_gate"))
     nn.quantize(block, 64, 4, class_predicate=lambda path, m: hasattr(m, "to_quantized"))
-    if not moe_cuda.usable(block):
-        raise ValueError("the self-check block is not one the kernels read")
     x, residual = mx.random.normal((2, 4, cfg.hidden_size), key=mx.random.key(1)).astype(mx.bfloat16)
+    if not moe_cuda.usable(block, x):
+        raise ValueError("the self-check block is not one the kernels read")
     found = moe_cuda.compare(block, x)
     summed = moe_cuda.moe(block, x, residual)
     if not (found["top_k"] and found["error"] <= 2e-2 and mx.array_equal(summed, residual + moe_cuda.moe(block, x)).item()):

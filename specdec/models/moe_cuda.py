@@ -291,13 +291,13 @@ def _matrices(moe):
     return found
 
 
-def usable(moe) -> bool:
-    """The kernels read MLX affine-quantized bfloat16 weights, 4 or 8 bits, group 32/64/128, one format for all expert and
+def usable(moe, x) -> bool:
+    """For x [N, H] bfloat16, as self-checked. The kernels read MLX affine-quantized bfloat16 weights, 4 or 8 bits, group 32/64/128, one format for all expert and
     shared-expert matrices (the router and the shared expert's gate may differ, as mlx-community's 8-bit ones
     do), hidden a multiple of 32 x 16 bytes of packed values (up to 4096), the shared expert as wide as the
     routed ones. Anything else (float weights, 3-bit, mxfp4, mixed bits) runs as operations."""
     formats = {_format(m) for m in _matrices(moe)}
-    if len(formats) != 1 or None in formats or next(iter(formats))[2] != mx.bfloat16:  # as self-checked
+    if x.dtype != mx.bfloat16 or len(formats) != 1 or None in formats or next(iter(formats))[2] != mx.bfloat16:
         return False
     bits = formats.pop()[0]
     vals = 128 // bits
