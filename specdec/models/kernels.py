@@ -48,6 +48,15 @@ def prepare():
         ready(name)
 
 
+def quantized_format(linear):
+    """(bits, group size, scales dtype) of a linear map quantized as the kernels read it (MLX affine, 4 or 8
+    bits packed in uint32, biases, group 32/64/128), else None."""
+    bits, gs = getattr(linear, "bits", None), getattr(linear, "group_size", None)
+    if getattr(linear, "mode", None) != "affine" or "biases" not in linear or bits not in (4, 8):
+        return None
+    return (bits, gs, linear.scales.dtype) if gs in (32, 64, 128) else None
+
+
 def close(got, want, tolerance) -> bool:
     """Agreement relative to the largest entry: a wrong index or formula is off by O(1), rounding differences
     (a bfloat16 ulp carried along) by well under a percent."""

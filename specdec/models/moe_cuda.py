@@ -24,6 +24,8 @@ compares the two at real size on the GPU; a self-check runs once on a small case
 
 import mlx.core as mx
 
+from .kernels import quantized_format
+
 HEADER = """
 // 16 bytes of a packed row (128 / BITS values) against those values of x, read at x[i * STRIDE]: sum(q * x).
 template <int BITS, int STRIDE>
@@ -273,14 +275,6 @@ def _kernel(name, inputs, outputs, source):
     return _kernels[name]
 
 
-def _format(linear):
-    """(bits, group size, scales dtype) of a quantized linear map the kernels read, else None."""
-    bits, gs = getattr(linear, "bits", None), getattr(linear, "group_size", None)
-    if getattr(linear, "mode", None) != "affine" or "biases" not in linear or bits not in (4, 8):
-        return None
-    return (bits, gs, linear.scales.dtype) if gs in (32, 64, 128) else None
-
-
 def _matrices(moe):
     """The expert and shared-expert matrices the kernels read as one format."""
     ex = moe.experts
@@ -292,11 +286,12 @@ def _matrices(moe):
 
 
 def usable(moe, x) -> bool:
-    """For x [N, H] bfloat16, as self-checked. The kernels read MLX affine-quantized bfloat16 weights, 4 or 8 bits, group 32/64/128, one format for all expert and
-    shared-expert matrices (the router and the shared expert's gate may differ, as mlx-community's 8-bit ones
-    do), hidden a multiple of 32 x 16 bytes of packed values (up to 4096), the shared expert as wide as the
-    routed ones. Anything else (float weights, 3-bit, mxfp4, mixed bits) runs as operations."""
-    formats = {_format(m) for m in _matrices(moe)}
+    """For bfloat16 x [N, H], as self-checked. The kernels read MLX affine-quantized weights with bfloat16 scales,
+    4 or 8 bits, group 32/64/128, one format for all expert and shared-expert matrices (the router and the
+    shared expert's gate may differ, as mlx-community's 8-bit ones do), hidden a multiple of 32 x 16 bytes of
+    packed values (up to 4096), the shared expert as wide as the routed ones. Anything else (float weights,
+    3-bit, mxfp4, mixed bits) runs as operations."""
+    formats = {quantized_format(m) for m in _matrices(moe)}
     if x.dtype != mx.bfloat16 or len(formats) != 1 or None in formats or next(iter(formats))[2] != mx.bfloat16:
         return False
     bits = formats.pop()[0]
@@ -304,7 +299,8 @@ def usable(moe, x) -> bool:
     H, I, slots = moe.hidden, moe.intermediate, moe.top_k + moe.shared
     row_chunks = I // vals
     lanes_ok = I % vals == 0 and (row_chunks % 32 == 0 or (row_chunks < 32 and 32 % row_chunks == 0))
-    shared_ok = not moe.shared or (moe.shared_intermediate == I and _format(moe.shared_expert_gate) is not None)
+    shared_ok = not moe.shared or (moe.shared_intermediate == I
+                                   and quantized_format(moe.shared_expert_gate) is not None)
     down_bytes = 4 * slots * (I + 32) + 4 * slots * row_chunks + 8 * moe.top_k
     return (lanes_ok and shared_ok and H % (32 * vals) == 0 and H // 32 <= MAX_REGISTER_FLOATS
             and moe.num_experts <= 32 * 32 and moe.top_k <= moe.num_experts and down_bytes <= SHARED_BYTES)
@@ -321,7 +317,7 @@ def _quantized(linear):
 
 
 def _template(layer, dtype, units):
-    bits, gs, _ = _format(layer.experts.gate_up)
+    bits, gs, _ = quantized_format(layer.experts.gate_up)
     return [("HID", layer.hidden), ("NE", layer.num_experts), ("TOPK", layer.top_k), ("INTER", layer.intermediate),
             ("HAS_SHARED", layer.shared), ("BITS", bits), ("GS", gs), ("UNITS", units), ("T", dtype)]
 
@@ -335,15 +331,16 @@ def gate_up(layer, x):
     if layer.shared:
         se = layer.shared_expert
         shared = _quantized(se.gate_proj) + _quantized(se.up_proj) + _quantized(layer.shared_expert_gate)
-        BG, GG, _ = _format(layer.shared_expert_gate)
+        BG, GG, _ = quantized_format(layer.shared_expert_gate)
     else:  # stand-ins: the code that reads them is compiled out
-        shared, (BG, GG) = _quantized(ex.gate_up) * 3, _format(ex.gate_up)[:2]
+        shared, (BG, GG) = _quantized(ex.gate_up) * 3, quantized_format(ex.gate_up)[:2]
     kernel = _kernel("moe_gate_up", ["x", "logits", "gu_w", "gu_s", "gu_b", "sg_w", "sg_s", "sg_b", "su_w", "su_s",
                                      "su_b", "gate_w", "gate_s", "gate_b"],
                      ["act", "expert", "score", "shared_gate"], GATE_UP_SOURCE)
     return kernel(
         inputs=[x, layer.gate(x)] + _quantized(ex.gate_up) + shared,
-        template=_template(layer, x.dtype, GATE_UP_UNITS) + [("BG", BG), ("GG", GG), ("NORM_TOPK", layer.norm_topk_prob)],
+        template=_template(layer, x.dtype, GATE_UP_UNITS)
+        + [("BG", BG), ("GG", GG), ("NORM_TOPK", layer.norm_topk_prob)],
         grid=(-(-I // (THREADS // 32 * GATE_UP_UNITS)) * THREADS, N * slots, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(N, slots, I), (N, K), (N, K), (N,)],

@@ -15,6 +15,8 @@ K between warps (KSPLIT) when a matrix has too few rows to fill the GPU, and add
 
 import mlx.core as mx
 
+from .kernels import quantized_format
+
 SOURCE = """
     constexpr int WARPS = 8, TILES = WARPS / KSPLIT;    // 16-row tiles per block
     constexpr int GROUPS = K / GS, GPS = GROUPS / KSPLIT; // groups per K slice
@@ -203,10 +205,10 @@ def matmul(linear, x, split=None, nt=None):
 
 
 def formats_ok(layer, x) -> bool:
-    """MLX affine 4- or 8-bit weights with biases, group 32/64/128, bfloat16 activations and scales."""
-    bits, gs = getattr(layer, "bits", None), getattr(layer, "group_size", None)
-    return (getattr(layer, "mode", None) == "affine" and "biases" in layer and bits in (4, 8) and gs in (32, 64, 128)
-            and x.dtype == mx.bfloat16 and layer.scales.dtype == mx.bfloat16 and x.shape[-1] % gs == 0)
+    """Weights as `kernels.quantized_format` reads them with bfloat16 scales, bfloat16 activations, K a multiple
+    of the group."""
+    found = quantized_format(layer)
+    return found is not None and found[2] == mx.bfloat16 and x.dtype == mx.bfloat16 and x.shape[-1] % found[1] == 0
 
 
 def expert_tiles(indices, num_experts: int, tile: int = None):
