@@ -56,12 +56,43 @@ def main():
         print(f"{f'S={S} replay':<28}{err:>12.2e}")
     ok = worst <= 1e-4 and worst_out <= 1e-2
     print(f"worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): {'OK' if ok else 'MISMATCH'}")
+    ok = check_chunked() and ok
     ok = check_mixer() and ok
     ok = check_moe() and ok
     ok = check_qmm() and ok
     if "--no-steps" not in sys.argv:
         compare_steps()
     return 0 if ok else 1
+
+
+def check_chunked():
+    """The chunked prefill kernels (gdn_cuda.chunked_cuda) against gdn.gdn_chunked's operations and the token
+    loop, at real size (Qwen3.5-35B-A3B's 16 k-heads, 32 v-heads, 128 x 128 state)."""
+    B, Hk, Hv, D = 1, 16, 32, 128
+    print(f"{'chunked prefill':<28}{'state err':>12}{'out err':>12}{'vs loop':>9}{'kernel ms':>11}{'ops ms':>9}{'loop ms':>9}")
+    worst = worst_out = 0.0
+    for S in (33, 100, 1024, 4096):
+        ks = mx.random.split(mx.random.key(400 + S), 6)
+        unit = lambda x: x / mx.linalg.norm(x, axis=-1, keepdims=True)
+        q = unit(mx.random.normal((B, S, Hk, D), key=ks[0])) * D**-0.5
+        k = unit(mx.random.normal((B, S, Hk, D), key=ks[1]))
+        v = mx.random.normal((B, S, Hv, D), key=ks[2]).astype(mx.bfloat16)
+        g = -mx.random.uniform(0.0, 1.0, (B, S, Hv), key=ks[3])
+        beta = mx.random.uniform(shape=(B, S, Hv), key=ks[4])
+        state = 0.1 * mx.random.normal((B, Hv, D, D), key=ks[5])
+        got = gdn_cuda.chunked_cuda(q, k, v, g, beta, state)
+        want = gdn.gdn_chunked(q, k, v, g, beta, state)
+        loop = gdn_cuda.recurrence_cuda(q, k, v, g, beta, state, False)
+        err, out_err = rel_err(got[1], want[1]), rel_err(got[0], want[0])
+        worst, worst_out = max(worst, err), max(worst_out, out_err)
+        t_k = timed(lambda: gdn_cuda.chunked_cuda(q, k, v, g, beta, state), 10)
+        t_o = timed(lambda: gdn.gdn_chunked(q, k, v, g, beta, state), 10)
+        t_l = timed(lambda: gdn_cuda.recurrence_cuda(q, k, v, g, beta, state, False)[:2], 10)
+        print(f"{f'S={S}':<28}{err:>12.2e}{out_err:>12.2e}{rel_err(got[1], loop[1]):>9.1e}{t_k:>11.3f}{t_o:>9.3f}{t_l:>9.3f}")
+    ok = worst <= 1e-3 and worst_out <= 1e-2
+    print(f"chunked prefill: worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): "
+          f"{'OK' if ok else 'MISMATCH'}")
+    return ok
 
 
 def check_mixer():
@@ -116,6 +147,12 @@ def check_moe():
             ok = ok and found["top_k"] and found["error"] <= 2e-2 and exact
             print(f"{f'N={N}':<32}{found['error']:>8.1e}{found['ops_error']:>9.1e}{str(found['top_k']):>7}"
                   f"{str(exact):>10}{t_k:>11.3f}{t_o:>9.3f}")
+        # a prefill's block: sorted rows through the grouped matmul
+        x = mx.random.normal((1024, cfg.hidden_size), key=mx.random.key(299)).astype(mx.bfloat16)
+        experts = mx.argpartition(block.gate(x), kth=-block.top_k, axis=-1)[:, -block.top_k:]
+        err = rel_err(block.ops(x), moe_cuda.reference(block, x, experts))
+        ok = ok and err <= 2e-2
+        print(f"{'N=1024 (grouped)':<32}{err:>8.1e}{'':>26}{timed(lambda: block.ops(x), 10):>20.3f}")
     print(f"MoE kernels: {'OK' if ok else 'MISMATCH'} (error relative to the largest entry of the float32 reference)")
     # Float (unquantized) experts run as MLX operations everywhere; their sorted path (5+ tokens) must hold too.
     block = build_target(arch_config("qwen3.5-35b-a3b", 1), 16).model.layers[0].mlp

@@ -29,6 +29,7 @@ from .adaptive import AdaptiveK
 from .cache import COMMIT_METHODS, DEFAULT_COMMIT_METHOD, GDNCache, KVCache, make_cache
 from .drafts import Proposer
 from .engine import PREFILL_STEP, Stats, speculate
+from .engine import prefill as engine_prefill
 from .errors import BenchError
 from .loading import quantize_model
 from .models.config import ModelConfig
@@ -202,12 +203,21 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def timed_prefill(run, rng, vocab: int, n: int, repeats: int) -> dict:
+    """Prefill times of n random tokens: the first call at this length, which may compile kernels for the new
+    shapes (MLX-CUDA builds fused kernels per shape), then the median of `repeats` more, each on new tokens."""
+    first = timed(lambda: run(random_tokens(rng, vocab, n)))
+    seconds = statistics.median(timed(lambda: run(random_tokens(rng, vocab, n))) for _ in range(repeats))
+    return {"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds, "first_call_seconds": first}
+
+
 def prefill(model: Model, tokens: list[int], commit_method: str = DEFAULT_COMMIT_METHOD):
-    """A fresh cache holding `tokens` (in the engine's chunks) and the logits of the last one."""
+    """A fresh cache holding `tokens` and the logits of the last one, the way generation gets them (and
+    mlx-lm's generate_step too): all tokens but the last through the engine's prefill, which never computes
+    their logits, then a one-token step."""
     cache = make_cache(model, commit_method)
-    for i in range(0, len(tokens), PREFILL_STEP):
-        logits = model(mx.array([tokens[i : i + PREFILL_STEP]]), cache)[:, -1]
-        cache.eval()
+    engine_prefill(model, cache, tokens[:-1])
+    logits = model(mx.array([tokens[-1:]]), cache)[:, -1]
     mx.eval(logits)
     return cache, logits
 
@@ -720,11 +730,12 @@ def mlx_lm_step_ms(lm, cache, S: int, repeats: int, rng, vocab: int) -> float:
 
 
 def mlx_lm_prefill(lm, tokens: list[int]):
+    """As `prefill`, the way mlx-lm's generate_step does it: caches only for all tokens but the last."""
     cache = lm.make_cache()
-    for i in range(0, len(tokens), PREFILL_STEP):
-        logits = lm(mx.array([tokens[i : i + PREFILL_STEP]]), cache=cache)[:, -1]
+    for i in range(0, len(tokens) - 1, PREFILL_STEP):
+        lm(mx.array([tokens[i : min(i + PREFILL_STEP, len(tokens) - 1)]]), cache=cache)
         mx.eval([c.state for c in cache])
-    mx.eval(logits)
+    mx.eval(lm(mx.array([tokens[-1:]]), cache=cache)[:, -1])
 
 
 def mlx_lm_decode_tps(lm, cache, last: int, n: int) -> float:
@@ -787,12 +798,10 @@ def measure_mlx_lm(model: Model, cache, prompt: list[int], opts: BenchOptions, r
 
     lengths = [n for n in opts.prefill if n <= opts.mlx_lm_max_prefill]
     report["prefill_skipped"] = [n for n in opts.prefill if n > opts.mlx_lm_max_prefill]
-    if lengths:
-        mlx_lm_prefill(lm, random_tokens(rng, cfg.vocab_size, 16))  # warm-up: its token loop compiles per shape
     for n in lengths:
-        seconds = timed(lambda: mlx_lm_prefill(lm, random_tokens(rng, cfg.vocab_size, n)))
-        report["prefill"].append({"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds})
-        log(f"  mlx-lm prefill {n}: {seconds:.2f} s")
+        row = timed_prefill(lambda tokens: mlx_lm_prefill(lm, tokens), rng, cfg.vocab_size, n, opts.prefill_repeats)
+        report["prefill"].append(row)
+        log(f"  mlx-lm prefill {n}: {row['seconds']:.3f} s (first call at this length {row['first_call_seconds']:.2f} s)")
     return report
 
 
@@ -824,11 +833,10 @@ def run_bench(opts: BenchOptions, log=print, on_section=None) -> dict:
     cache, _ = prefill(model, prompt[:-1])
     report["prefill"] = []
     for n in opts.prefill:
-        tokens = random_tokens(rng, cfg.vocab_size, n)
-        runs = [timed(lambda: prefill(model, tokens)[1]) for _ in range(opts.prefill_repeats)]
-        s = statistics.median(runs)
-        report["prefill"].append({"tokens": n, "seconds": s, "tokens_per_s": n / s})
-        log(f"prefill {n}: {s:.3f} s ({n / s:.0f} tok/s)")
+        row = timed_prefill(lambda tokens: prefill(model, tokens)[1], rng, cfg.vocab_size, n, opts.prefill_repeats)
+        report["prefill"].append(row)
+        log(f"prefill {n}: {row['seconds']:.3f} s ({row['tokens_per_s']:.0f} tok/s; first call at this length "
+            f"{row['first_call_seconds']:.3f} s)")
     report["meta"]["context_prefill_seconds"] = seconds
     section(report)
 
@@ -911,12 +919,14 @@ def format_table(report: dict) -> str:
     lines = [f"specdec bench: {meta['arch']}, {meta['layers']} layers, {meta['bits']}-bit, context {meta['context']}, "
              f"{meta['device']}, mlx {meta['mlx']}" + (f", mlx-lm {lm['version']}" if "version" in lm else "")]
     lines.append(f"first prefill of the context (warm-up, kernels compile): {meta['context_prefill_seconds']:.2f} s")
-    theirs_prefill = {row["tokens"]: row["seconds"] for row in lm.get("prefill", [])}
-    lines.append(f"{'prefill':<10}{'tokens':>8}{'ours s':>10}{'tok/s':>10}{'mlx-lm s':>10}{'ours/mlx-lm':>13}")
+    theirs_prefill = {row["tokens"]: row for row in lm.get("prefill", [])}
+    lines.append(f"{'prefill':<10}{'tokens':>8}{'ours s':>10}{'tok/s':>10}{'mlx-lm s':>10}{'ours/mlx-lm':>13}"
+                 f"{'| first call: ours s':>21}{'mlx-lm s':>10}")
     for row in report["prefill"]:
         t = theirs_prefill.get(row["tokens"])
-        extra = f"{t:>10.3f}{row['seconds'] / t:>13.3f}" if t else f"{'-':>10}{'-':>13}"
-        lines.append(f"{'':<10}{row['tokens']:>8}{row['seconds']:>10.3f}{row['tokens_per_s']:>10.0f}{extra}")
+        extra = f"{t['seconds']:>10.3f}{row['seconds'] / t['seconds']:>13.4f}" if t else f"{'-':>10}{'-':>13}"
+        first = f"{row['first_call_seconds']:>21.3f}" + (f"{t['first_call_seconds']:>10.2f}" if t else f"{'-':>10}")
+        lines.append(f"{'':<10}{row['tokens']:>8}{row['seconds']:>10.3f}{row['tokens_per_s']:>10.0f}{extra}{first}")
     theirs_step = {row["S"]: row for row in lm.get("step", [])}
     lines.append(f"{'step':<10}{'S':>8}{'ours ms':>10}{'ms/token':>10}{'eager ms':>10}{'| ours ms':>10}{'mlx-lm ms':>10}"
                  f"{'ours/mlx-lm':>13}  (right of |: the two engines taking turns)")

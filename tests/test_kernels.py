@@ -16,11 +16,11 @@ from specdec.models.layers import Linear, QuantizedLinear, SparseMoE
 
 
 @pytest.mark.parametrize("setting, on", [
-    (None, {"gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
-    ("all", {"gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
+    (None, {"gdn_chunked", "gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
+    ("all", {"gdn_chunked", "gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
     ("none", set()),
     ("0", set()),
-    ("gdn", {"gdn_mixer", "gdn_recurrence"}),
+    ("gdn", {"gdn_chunked", "gdn_mixer", "gdn_recurrence"}),
     ("moe, qmm", {"moe", "qmm"}),
 ])
 def test_kernel_switch(monkeypatch, setting, on):
@@ -28,7 +28,7 @@ def test_kernel_switch(monkeypatch, setting, on):
         monkeypatch.delenv("SPECDEC_KERNELS", raising=False)
     else:
         monkeypatch.setenv("SPECDEC_KERNELS", setting)
-    names = {"gdn_mixer", "gdn_recurrence", "moe", "qmm"}
+    names = {"gdn_chunked", "gdn_mixer", "gdn_recurrence", "moe", "qmm"}
     assert {n for n in names if kernels.allowed(n)} == on
 
 
@@ -119,6 +119,20 @@ def test_quantized_linear_is_mlx_s_own_off_cuda():
     assert isinstance(layer, QuantizedLinear)
     x = mx.random.normal((3, 128)).astype(mx.bfloat16)
     assert mx.array_equal(layer(x), nn.QuantizedLinear.__call__(layer, x)).item()
+
+
+@pytest.mark.parametrize("rows, bias", [(320, False), (300, True)])
+def test_many_tokens_multiply_the_dequantized_matrix(monkeypatch, rows, bias):
+    """A prefill's products on CUDA (forced here) use the dequantized matrix: MLX's own result, to rounding."""
+    layer = Linear(128, rows, bias=bias)
+    layer.weight = 0.1 * mx.random.normal(layer.weight.shape, key=mx.random.key(1))
+    layer = layer.to_quantized(64, 4)
+    monkeypatch.setattr(kernels, "on_cuda", lambda: True)
+    few, many = (mx.random.normal((2, n, 128), key=mx.random.key(2)) for n in (100, 200))
+    assert not layer.dequantize_pays(few) and layer.dequantize_pays(many)
+    assert mx.allclose(layer(many), nn.QuantizedLinear.__call__(layer, many), atol=1e-5).item()
+    monkeypatch.setattr(QuantizedLinear, "DEQUANT_MAX_BYTES", 2 * rows * 128 - 1)  # a matrix too large to copy
+    assert not layer.dequantize_pays(many)
 
 
 def test_expert_tiles_cover_each_experts_rows_in_16_row_tiles():

@@ -219,11 +219,19 @@ def gdn_chunked(q, k, v, g, beta, state=None, *, chunk_size=64):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# On MLX's CUDA backend the chunked form runs as two kernels (gdn_cuda.chunked_cuda), after a self-check.
+kernels.register("gdn_chunked", lambda: gdn_cuda.chunked_self_check(gdn_chunked))
+
+
 def gdn(q, k, v, g, beta, state=None, *, return_states=False):
     """What the GDN layer calls: the token loop for short inputs (decode, verify windows), chunks for prefills.
     return_states needs the token loop, so it forces it."""
     if return_states or v.shape[1] <= RECURRENT_MAX_TOKENS:
         return gdn_recurrent(q, k, v, g, beta, state, return_states=return_states)
+    if kernels.ready("gdn_chunked") and gdn_cuda.chunked_usable(k.shape[-1], v.shape[-1]):
+        _check(k, v, g, beta, state, q)
+        B, _, Hv, Dv = v.shape
+        return gdn_cuda.chunked_cuda(q, k, v, g, beta, _initial(state, B, Hv, k.shape[-1], Dv))
     # Small chunks on the CPU, whose reference BLAS makes the in-chunk C x C work dear (2048 tokens: 1.36 s with
     # 16, 2.0 s with 64); 64 elsewhere, the usual size for GPU matmuls.
     chunk_size = 16 if mx.default_device() == mx.cpu else 64

@@ -3,7 +3,8 @@
 A kernel runs only on MLX's CUDA backend, only if SPECDEC_KERNELS allows it, and only after its self-check
 against the MLX operations it replaces has passed (once per process). Elsewhere (CPU, Metal) the operations
 serve: no untested kernels. SPECDEC_KERNELS is `all` (the default), `none`, or a comma-separated list of the
-kernels to use: `gdn` (the GDN recurrence and the fused GDN mixer) and `moe` (the sparse MoE block).
+kernels to use: `gdn` (the GDN recurrence, the fused GDN mixer and the chunked prefill), `moe` (the sparse
+MoE block) and `qmm` (the tensor-core quantized matmuls).
 """
 
 import os
@@ -27,9 +28,13 @@ def allowed(name: str) -> bool:
     return any(name == w or name.startswith(w + "_") for w in wanted.split(","))
 
 
+def on_cuda() -> bool:
+    return mx.cuda.is_available() and mx.default_device() == mx.gpu
+
+
 def ready(name: str) -> bool:
     """May kernel `name` run here? Its self-check runs on the first call (see `prepare`)."""
-    if not (allowed(name) and mx.cuda.is_available() and mx.default_device() == mx.gpu):
+    if not (allowed(name) and on_cuda()):
         return False
     if name not in _passed:
         try:

@@ -48,7 +48,7 @@ SOURCE = """
             // this lane's XPT values of x for token nt * 8 + gid (zeros past M), as 16-byte runs
             const int n = t0 + nt * 8 + gid;
             uint4 xv[XPT / 8];
-            const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)min(n, t1 - 1) * K + g * GS + tig * XPT);
+            const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)XROW(min(n, t1 - 1)) * K + g * GS + tig * XPT);
             float xs = 0.f;
             #pragma unroll
             for (int i = 0; i < XPT / 8; ++i) {
@@ -122,7 +122,7 @@ SOURCE = """
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const int n = t0 + nt * 8 + 2 * tig + (c & 1), r = f0 + gid + (c >> 1) * 8;
-            if (n < t1 && r < N) out[(size_t)n * N + r] = static_cast<T>(acc[nt][c]);
+            if (n < t1 && r < N) out[(size_t)OROW(n) * N + r] = static_cast<T>(acc[nt][c]);
         }
     }
 """
@@ -139,12 +139,18 @@ TARGET_BLOCKS = 264  # two blocks per SM of an H100: split K until a matrix has 
 
 # Which rows of x a block multiplies, and with which matrix: all of x (up to 16 tokens) with the one matrix, or
 # (grouped) one tile of up to 16 rows of x sorted by expert, with that expert's matrix of a stacked [E, N, K].
+# XROW(i) / OROW(i): where row i of the product reads x and writes out (grouped: optionally through index arrays,
+# so that x needs no gather into expert order and the output no gather back).
 TOKENS_PROLOGUE = """
     const int N = w_shape[0], e = 0, t0 = blockIdx.y * 8 * NT, t1 = min(t0 + 8 * NT, x_shape[0]);
+    #define XROW(i) (i)
+    #define OROW(i) (i)
 """
 GROUPED_PROLOGUE = """
     const int N = w_shape[1], E = tile_end_shape[0], z = blockIdx.y;
     if (z >= tile_end[E - 1]) return;                   // past the last tile (the grid is an upper bound)
+    #define XROW(i) (GATHER ? static_cast<size_t>(x_rows[i]) : static_cast<size_t>(i))
+    #define OROW(i) (SCATTER ? static_cast<size_t>(out_rows[i]) : static_cast<size_t>(i))
     int lo = 0, hi = E - 1;                             // the expert whose tiles include z
     while (lo < hi) { const int mid = (lo + hi) / 2; if (tile_end[mid] > z) hi = mid; else lo = mid + 1; }
     const int e = lo, first = e == 0 ? 0 : tile_end[e - 1];
@@ -155,7 +161,7 @@ _kernels = {}
 
 def _get_kernel(grouped=False):
     if grouped not in _kernels:
-        extra = ["tile_end", "start", "count"] if grouped else []
+        extra = ["tile_end", "start", "count", "x_rows", "out_rows"] if grouped else []
         source = SOURCE.replace("PROLOGUE", GROUPED_PROLOGUE if grouped else TOKENS_PROLOGUE)
         _kernels[grouped] = mx.fast.cuda_kernel(name="qmm_grouped" if grouped else "qmm_tokens",
                                                 input_names=["x", "w", "scales", "biases"] + extra,
@@ -227,18 +233,22 @@ GROUP_TILE = 16  # rows of x per block in the grouped product (two 8-token mma t
 GROUPED_MIN_ROWS = 256
 
 
-def grouped_matmul(layer, x, indices, tiles=None, nt=None):
-    """x [P, K] sorted by expert, indices [P] the expert of each row -> [P, N]: each row times its expert's
-    dequantized [N, K] matrix of a QuantizedExpertLinear's [E, N, K], each expert's weights read once per
-    16 rows. MLX-CUDA's gather_qmm takes ~7 ms for a 1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
-    P, K = x.shape
+def grouped_matmul(layer, x, indices, tiles=None, nt=None, x_rows=None, out_rows=None):
+    """Rows sorted by expert times their expert's dequantized [N, K] matrix of a QuantizedExpertLinear's
+    [E, N, K], each expert's weights read once per 16 rows. indices [P]: the expert of each row, non-decreasing.
+    Row i reads x[x_rows[i]] (x [P, K] in that order without x_rows) and goes to out[out_rows[i]] (to out[i]
+    without), out [P, N]: so a caller needs no gather into expert order or back. MLX-CUDA's gather_qmm takes
+    ~7 ms for a 1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
+    P, K = indices.shape[0], x.shape[-1]
     E, N = layer.weight.shape[:2]
     nt = nt or GROUP_TILE // 8
     tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E, 8 * nt)
+    unused = tile_end  # an input the kernel does not read
     (out,) = _get_kernel(grouped=True)(
-        inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count],
+        inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count,
+                unused if x_rows is None else x_rows, unused if out_rows is None else out_rows],
         template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", nt),
-                  ("KSPLIT", 1), ("T", x.dtype)],
+                  ("KSPLIT", 1), ("T", x.dtype), ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None)],
         grid=(-(-N // 128) * 256, -(-P // (8 * nt)) + E, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(P, N)],
