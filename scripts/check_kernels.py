@@ -1,7 +1,8 @@
 """GPU check: the CUDA kernels against the MLX ops path on random inputs of real size (Qwen3.5-35B-A3B:
 32 v-heads, 16 k-heads, 128 x 128 state; 256 experts, top-8, 4-bit): the GDN recurrence for decode, verify
-windows and replay, the fused GDN mixer (conv, norms, gates, recurrence, gated norm) and the MoE kernels of
-random-weight layers; prints errors and timings, then whole compiled steps with the MoE kernels on and off.
+windows and replay, the chunked GDN prefill, the fused GDN mixer (conv, norms, gates, recurrence, gated norm),
+the MoE kernels of random-weight layers (a prefill's block too), the tensor-core matmuls, and the products
+MLX-CUDA gets wrong (K one tile); prints errors and timings, then whole compiled steps with kernels on and off.
 
     python scripts/check_kernels.py [--no-steps]   # on a machine with MLX's CUDA backend
 """
@@ -32,14 +33,7 @@ def main():
     worst = worst_out = 0.0
     print(f"{'case':<28}{'state err':>12}{'out err':>12}{'kernel ms':>11}{'ops ms':>9}")
     for S in (1, 2, 5, 9, 16, 17):
-        ks = mx.random.split(mx.random.key(S), 6)
-        unit = lambda x: x / mx.linalg.norm(x, axis=-1, keepdims=True)
-        q = unit(mx.random.normal((B, S, Hk, Dk), key=ks[0])) * Dk**-0.5
-        k = unit(mx.random.normal((B, S, Hk, Dk), key=ks[1]))
-        v = mx.random.normal((B, S, Hv, Dv), key=ks[2]).astype(mx.bfloat16)  # as the layer gives it
-        g = -mx.random.uniform(0.0, 2.0, (B, S, Hv), key=ks[3])
-        beta = mx.random.uniform(shape=(B, S, Hv), key=ks[4])
-        state = mx.random.normal((B, Hv, Dk, Dv), key=ks[5])
+        q, k, v, g, beta, state = gdn_cuda.random_inputs(B, S, Hk, Hv, Dk, Dv, seed=S)
         for keep in (False, True):
             mine = gdn_cuda.recurrence_cuda(q, k, v, g, beta, state, keep)
             ref = gdn._recurrence_ops(q, k, v, g, beta, state, keep)
@@ -60,6 +54,7 @@ def main():
     ok = check_mixer() and ok
     ok = check_moe() and ok
     ok = check_qmm() and ok
+    ok = check_one_tile_products() and ok
     if "--no-steps" not in sys.argv:
         compare_steps()
     return 0 if ok else 1
@@ -72,14 +67,8 @@ def check_chunked():
     print(f"{'chunked prefill':<28}{'state err':>12}{'out err':>12}{'vs loop':>9}{'kernel ms':>11}{'ops ms':>9}{'loop ms':>9}")
     worst = worst_out = 0.0
     for S in (33, 100, 1024, 4096):
-        ks = mx.random.split(mx.random.key(400 + S), 6)
-        unit = lambda x: x / mx.linalg.norm(x, axis=-1, keepdims=True)
-        q = unit(mx.random.normal((B, S, Hk, D), key=ks[0])) * D**-0.5
-        k = unit(mx.random.normal((B, S, Hk, D), key=ks[1]))
-        v = mx.random.normal((B, S, Hv, D), key=ks[2]).astype(mx.bfloat16)
-        g = -mx.random.uniform(0.0, 1.0, (B, S, Hv), key=ks[3])
-        beta = mx.random.uniform(shape=(B, S, Hv), key=ks[4])
-        state = 0.1 * mx.random.normal((B, Hv, D, D), key=ks[5])
+        q, k, v, g, beta, state = gdn_cuda.random_inputs(B, S, Hk, Hv, D, D, seed=400 + S, max_decay=1.0,
+                                                         state_scale=0.1)
         got = gdn_cuda.chunked_cuda(q, k, v, g, beta, state)
         want = gdn.gdn_chunked(q, k, v, g, beta, state)
         loop = gdn_cuda.recurrence_cuda(q, k, v, g, beta, state, False)
@@ -224,6 +213,24 @@ def check_grouped():
                 t_g = timed(lambda: qmm_cuda.grouped_matmul(layer, h, idx, nt=nt), 10)
                 print(f"{f'grouped {name} (tiles of {8 * nt})':<28}{idx.size:>6}{err:>9.1e}{mlx_err:>9.1e}{t_g:>9.3f}{t_m:>8.3f}{t_m / t_g:>7.2f}")
         del w
+    return ok
+
+
+def check_one_tile_products():
+    """QuantizedLinear where MLX-CUDA 0.32.4's quantized_matmul is wrong (K one tile, 8+ tokens): ours against
+    float32 arithmetic, MLX's for scale."""
+    from specdec.models.layers import Linear
+    ok = True
+    for K, tokens in ((64, 1), (64, 5), (64, 8), (64, 24), (64, 300), (128, 24)):
+        layer = Linear(K, 256, bias=False)
+        layer.weight = (0.1 * mx.random.normal(layer.weight.shape, key=mx.random.key(K))).astype(mx.bfloat16)
+        layer = layer.to_quantized(64, 4)
+        x = mx.random.normal((tokens, K), key=mx.random.key(tokens)).astype(mx.bfloat16)
+        want = x.astype(mx.float32) @ mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4).T
+        err = rel_err(layer(x), want)
+        mlx_err = rel_err(mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, group_size=64, bits=4), want)
+        ok = ok and err <= 2e-2
+        print(f"QuantizedLinear K={K}, {tokens} tokens: error {err:.1e} (MLX's quantized_matmul {mlx_err:.1e})")
     return ok
 
 

@@ -129,10 +129,22 @@ def test_many_tokens_multiply_the_dequantized_matrix(monkeypatch, rows, bias):
     layer = layer.to_quantized(64, 4)
     monkeypatch.setattr(kernels, "on_cuda", lambda: True)
     few, many = (mx.random.normal((2, n, 128), key=mx.random.key(2)) for n in (100, 200))
-    assert not layer.dequantize_pays(few) and layer.dequantize_pays(many)
+    assert not layer.use_dequantized(few) and layer.use_dequantized(many)
     assert mx.allclose(layer(many), nn.QuantizedLinear.__call__(layer, many), atol=1e-5).item()
     monkeypatch.setattr(QuantizedLinear, "DEQUANT_MAX_BYTES", 2 * rows * 128 - 1)  # a matrix too large to copy
-    assert not layer.dequantize_pays(many)
+    assert not layer.use_dequantized(many)
+
+
+def test_one_tile_of_k_avoids_mlx_cuda_quantized_matmul(monkeypatch):
+    """MLX-CUDA 0.32.4 multiplies K = 64 (one tile of its kernels) wrongly: such products use the dequantized
+    matrix there."""
+    layer = Linear(64, 128, bias=False).to_quantized(64, 4)
+    monkeypatch.setattr(kernels, "on_cuda", lambda: True)
+    for tokens in (1, 5, 8):
+        x = mx.random.normal((tokens, 64), key=mx.random.key(tokens))
+        assert layer.use_dequantized(x)
+        assert mx.allclose(layer(x), nn.QuantizedLinear.__call__(layer, x), atol=1e-5).item()
+    assert not Linear(128, 128, bias=False).to_quantized(64, 4).use_dequantized(mx.ones((8, 128)))
 
 
 def test_expert_tiles_cover_each_experts_rows_in_16_row_tiles():

@@ -18,6 +18,20 @@ import mlx.core as mx
 
 from .kernels import close
 
+
+def random_inputs(B, S, Hk, Hv, Dk, Dv, seed, max_decay=2.0, state_scale=1.0):
+    """(q, k, v, g, beta, state) of the GDN contract (gdn.py) at random, shaped as a layer gives them: unit q and k
+    (q scaled by Dk**-0.5), bfloat16 v, log decays g in [-max_decay, 0]: for the self-checks and the GPU check."""
+    ks = mx.random.split(mx.random.key(seed), 6)
+    unit = lambda x: x / mx.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(mx.random.normal((B, S, Hk, Dk), key=ks[0])) * Dk**-0.5
+    k = unit(mx.random.normal((B, S, Hk, Dk), key=ks[1]))
+    v = mx.random.normal((B, S, Hv, Dv), key=ks[2]).astype(mx.bfloat16)
+    g = -mx.random.uniform(0.0, max_decay, (B, S, Hv), key=ks[3])
+    beta = mx.random.uniform(shape=(B, S, Hv), key=ks[4])
+    state = state_scale * mx.random.normal((B, Hv, Dk, Dv), key=ks[5])
+    return q, k, v, g, beta, state
+
 SOURCE = """
     // Four lanes own one column j of one head's state; lane `part` holds rows part*R .. part*R+R-1.
     constexpr int R = Dk / 4;
@@ -107,15 +121,7 @@ def recurrence_cuda(q, k, v, g, beta, state, keep_states):
 def self_check(reference) -> bool:
     """Run the kernel once against the ops path on a small random case shaped like the real ones (two v-heads
     per k-head, bfloat16 v); True when they agree. A kernel that fails to build raises, and kernels.ready says so."""
-    B, S, Hk, Hv, Dk, Dv = 1, 3, 2, 4, 32, 64
-    ks = mx.random.split(mx.random.key(0), 6)
-    norm = lambda x: x / mx.linalg.norm(x, axis=-1, keepdims=True)
-    q = norm(mx.random.normal((B, S, Hk, Dk), key=ks[0]))
-    k = norm(mx.random.normal((B, S, Hk, Dk), key=ks[1]))
-    v = mx.random.normal((B, S, Hv, Dv), key=ks[2]).astype(mx.bfloat16)
-    g = -mx.random.uniform(shape=(B, S, Hv), key=ks[3])
-    beta = mx.random.uniform(shape=(B, S, Hv), key=ks[4])
-    state = mx.random.normal((B, Hv, Dk, Dv), key=ks[5])
+    q, k, v, g, beta, state = random_inputs(1, 3, 2, 4, 32, 64, seed=0, max_decay=1.0)
     mine = recurrence_cuda(q, k, v, g, beta, state, True)
     ref = reference(q, k, v, g, beta, state, True)
     tolerance = [1e-2, 1e-4, 1e-4]  # the output is bfloat16
@@ -546,14 +552,6 @@ def chunked_cuda(q, k, v, g, beta, state):
 def chunked_self_check(reference) -> bool:
     """The chunk kernels against gdn.gdn_chunked's operations on a small random case: three chunks, the last
     one partial, two v-heads per k-head, bfloat16 v."""
-    B, S, Hk, Hv, Dk, Dv = 1, 150, 2, 4, 128, 32
-    ks = mx.random.split(mx.random.key(1), 6)
-    norm = lambda x: x / mx.linalg.norm(x, axis=-1, keepdims=True)
-    q = norm(mx.random.normal((B, S, Hk, Dk), key=ks[0])) * Dk**-0.5
-    k = norm(mx.random.normal((B, S, Hk, Dk), key=ks[1]))
-    v = mx.random.normal((B, S, Hv, Dv), key=ks[2]).astype(mx.bfloat16)
-    g = -mx.random.uniform(0.0, 2.0, (B, S, Hv), key=ks[3])
-    beta = mx.random.uniform(shape=(B, S, Hv), key=ks[4])
-    state = mx.random.normal((B, Hv, Dk, Dv), key=ks[5])
+    q, k, v, g, beta, state = random_inputs(1, 150, 2, 4, 128, 32, seed=1)
     got, want = chunked_cuda(q, k, v, g, beta, state), reference(q, k, v, g, beta, state)
     return close(got[0], want[0], 1e-2) and close(got[1], want[1], 1e-3)

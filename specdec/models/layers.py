@@ -13,25 +13,33 @@ class QuantizedLinear(nn.QuantizedLinear):
     """MLX's quantized linear map; on CUDA a window of a few tokens runs through the tensor-core kernel
     (qmm_cuda.py), which reads the weights once rather than once per token."""
 
-    # A prefill's products (hundreds of tokens) run as the dequantized bfloat16 matrix times x: on an H100 that
-    # is 2.2-2.8x faster than MLX-CUDA's quantized matmul from 1024 tokens on (in_proj at 1024 tokens: 0.20 vs
-    # 0.44 ms), level at 256, and it takes any output size (MLX's tiled kernel only multiples of 128). The
-    # bfloat16 copy is transient; matrices whose copy would pass DEQUANT_MAX_BYTES (the output head) stay.
+    # On CUDA some products run as the dequantized bfloat16 matrix times x:
+    # - a prefill's (hundreds of tokens): on an H100 that is 2.2-2.8x faster than MLX-CUDA's quantized matmul
+    #   from 1024 tokens on (in_proj at 1024 tokens: 0.20 vs 0.44 ms), level at 256, and it takes any output
+    #   size (MLX's tiled kernel only multiples of 128). The bfloat16 copy is transient; matrices whose copy
+    #   would pass DEQUANT_MAX_BYTES (the output head) stay.
+    # - those whose K is a single tile of MLX's kernels (K <= max(64, group size)): MLX-CUDA 0.32.4 returns
+    #   wrong products there (errors the size of the outputs, at times NaN), measured for K = 64 with 5 to 300
+    #   tokens and 64 to 2048 outputs (1 token was right), while K = 128 and more agree with float32
+    #   arithmetic. Only small models have such matrices (a 64-wide shared expert's down_proj), so all their
+    #   products take this path.
     DEQUANT_MIN_TOKENS, DEQUANT_MAX_BYTES = 256, 256 * 2**20
 
     def __call__(self, x):
         if qmm_cuda.usable(self, x) and kernels.ready("qmm"):
             return qmm_cuda.matmul(self, x)
-        if self.dequantize_pays(x):
+        if self.use_dequantized(x):
             w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
             y = x @ w.T
             return y + self.bias if "bias" in self else y
         return super().__call__(x)
 
-    def dequantize_pays(self, x) -> bool:
+    def use_dequantized(self, x) -> bool:
         rows, cols = self.weight.shape[0], x.shape[-1]
-        return (x.size >= self.DEQUANT_MIN_TOKENS * cols and 2 * rows * cols <= self.DEQUANT_MAX_BYTES
-                and self.mode == "affine" and kernels.on_cuda())
+        tokens = x.size // cols
+        prefill = tokens >= self.DEQUANT_MIN_TOKENS and 2 * rows * cols <= self.DEQUANT_MAX_BYTES
+        one_tile = cols <= max(64, self.group_size)
+        return (prefill or one_tile) and self.mode == "affine" and kernels.on_cuda()
 
 
 class Linear(nn.Linear):
