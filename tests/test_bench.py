@@ -54,7 +54,8 @@ def test_cli_report(tmp_path, capsys):
     assert [r["S"] for r in report["moe"]] == [1, 5, 16]
     assert [r["S"] for r in report["components"]] == [1, 16]
     assert set(report["components"][0]) == {"S", "lm_head_ms", "gdn_layer_ms", "attention_layer_ms", "moe_layer_ms"}
-    assert report["consistency"]["same_argmax"] == 1.0 and report["consistency"]["hidden_max_rel_diff"] < 0.05
+    # rounding only (under 0.05 on the CPU, 0.056 with the bfloat16 kernels of an H100); a wrong product gave 0.9
+    assert report["consistency"]["same_argmax"] == 1.0 and report["consistency"]["hidden_max_rel_diff"] < 0.1
     bw = report["bandwidth"]
     assert bw["bytes"]["total"] == sum(v for k, v in bw["bytes"].items() if k != "total")
 

@@ -10,7 +10,7 @@ import pytest
 
 from specdec.bench import arch_config
 from specdec.loading import quantize_model
-from specdec.models import kernels, moe_cuda, qmm_cuda
+from specdec.models import gdn, gdn_cuda, kernels, moe_cuda, qmm_cuda
 from specdec.models.config import ModelConfig
 from specdec.models.layers import Linear, QuantizedLinear, SparseMoE
 
@@ -154,3 +154,23 @@ def test_expert_tiles_cover_each_experts_rows_in_16_row_tiles():
     assert start.tolist() == [0, 3, 20, 20, 60, 61]
     assert tile_end.tolist() == [1, 3, 3, 6, 7, 7]  # 1 + 2 + 0 + 3 + 1 tiles; the grid's bound covers them
     assert tile_end[-1].item() <= -(-idx.size // qmm_cuda.GROUP_TILE) + 6
+
+
+def test_long_inputs_go_to_the_chunk_kernels_with_their_contract(monkeypatch):
+    """Where the chunk kernels may run, gdn() hands them inputs past the token loop's length with a float32 state
+    (zeros for none); a stand-in computing the contract with operations gives the token loop's result."""
+    calls = []
+
+    def stand_in(q, k, v, g, beta, state):
+        calls.append((v.shape[1], state.shape, state.dtype))
+        return gdn.gdn_chunked(q, k, v, g, beta, state)
+
+    monkeypatch.setattr(kernels, "ready", lambda name: name == "gdn_chunked")
+    monkeypatch.setattr(gdn_cuda, "chunked_cuda", stand_in)
+    q, k, v, g, beta, _ = gdn_cuda.random_inputs(1, 40, 2, 4, 128, 32, seed=3)
+    out, final = gdn.gdn(q, k, v, g, beta, None)
+    want_out, want_final = gdn.gdn_recurrent(q, k, v, g, beta, None)
+    assert calls == [(40, (1, 4, 128, 32), mx.float32)]
+    assert kernels.close(out, want_out, 1e-2) and kernels.close(final, want_final, 1e-4)
+    gdn.gdn(q[:, :8], k[:, :8], v[:, :8], g[:, :8], beta[:, :8])  # a verify window: the token loop
+    assert len(calls) == 1
