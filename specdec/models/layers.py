@@ -10,8 +10,9 @@ from .config import ModelConfig
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """MLX's quantized linear map; on CUDA a window of a few tokens runs through the tensor-core kernel
-    (qmm_cuda.py), which reads the weights once rather than once per token."""
+    """MLX's quantized linear map. On CUDA a window of a few tokens runs through the tensor-core kernel
+    (qmm_cuda.py), which reads the weights once rather than once per token, and some products through the
+    dequantized matrix (below)."""
 
     # On CUDA some products run as the dequantized bfloat16 matrix times x:
     # - a prefill's (hundreds of tokens): on an H100 that is 2.2-2.8x faster than MLX-CUDA's quantized matmul
