@@ -16,7 +16,7 @@ kernel is used, and the caller falls back to the ops path if that check fails.
 
 import mlx.core as mx
 
-from .kernels import close
+from .kernels import close, cuda_kernel
 
 
 def random_inputs(B, S, Hk, Hv, Dk, Dv, seed, max_decay=2.0, state_scale=1.0):
@@ -81,20 +81,7 @@ SOURCE = """
     }
 """
 
-_kernel = None
 COLUMNS_PER_BLOCK = 32  # 128 threads a block
-
-
-def _get_kernel():
-    global _kernel
-    if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(
-            name="gdn_recurrence",
-            input_names=["q", "k", "v", "g", "beta", "state_in"],
-            output_names=["out", "state_out", "states"],
-            source=SOURCE,
-        )
-    return _kernel
 
 
 def usable(Dk: int) -> bool:
@@ -106,7 +93,9 @@ def recurrence_cuda(q, k, v, g, beta, state, keep_states):
     B, S, Hv, Dv = v.shape
     Dk = k.shape[-1]
     has_q = q is not None
-    out, state_out, states = _get_kernel()(
+    kernel = cuda_kernel("gdn_recurrence", ["q", "k", "v", "g", "beta", "state_in"],
+                         ["out", "state_out", "states"], SOURCE)
+    out, state_out, states = kernel(
         inputs=[q if has_q else k, k, v, g, beta, state],
         template=[("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("HAS_Q", has_q), ("KEEP", bool(keep_states)),
                   ("OutT", v.dtype)],
@@ -239,9 +228,6 @@ MIXER_SOURCE = """
     for (int r = 0; r < R; ++r) state_out[((size_t)bh * Dk + i0 + r) * Dv + j] = s[r];
 """
 
-_mixer_kernel = None
-
-
 def _promote(a, b):
     """The dtype MLX gives a binary operation on a and b (builds nothing that is evaluated)."""
     return (mx.zeros((), a) + mx.zeros((), b)).dtype
@@ -258,19 +244,13 @@ def mixer(layer, conv_in, proj, state, keep_states, keep_tape=False):
     carried conv inputs, then this window's qkv), proj [B, S, P] (the input projection, parts in the order of
     layer.groups[0]), state [B, Hv, Dk, Dv] float32 -> (out [B, S, Hv * Dv] before out_proj, final state,
     per-step states or None, the recurrence inputs (k, v, g, beta) or None), as GatedDeltaNet.mixer_ops."""
-    global _mixer_kernel
-    if _mixer_kernel is None:
-        _mixer_kernel = mx.fast.cuda_kernel(
-            name="gdn_mixer",
-            input_names=["conv_in", "proj", "conv_w", "A_log", "dt_bias", "norm_w", "eps", "state_in"],
-            output_names=["out", "state_out", "states", "tape_k", "tape_v", "tape_g", "tape_beta"],
-            source=MIXER_SOURCE,
-        )
+    kernel = cuda_kernel("gdn_mixer", ["conv_in", "proj", "conv_w", "A_log", "dt_bias", "norm_w", "eps", "state_in"],
+                         ["out", "state_out", "states", "tape_k", "tape_v", "tape_g", "tape_beta"], MIXER_SOURCE)
     B, S, _ = proj.shape
     offsets = layer.offsets
     out_dtype = _promote(conv_in.dtype, layer.conv1d.weight.dtype)  # v's dtype after the conv
     Hk, Hv, Dk, Dv = layer.Hk, layer.Hv, layer.Dk, layer.Dv
-    out, state_out, states, *tape = _mixer_kernel(
+    out, state_out, states, *tape = kernel(
         inputs=[conv_in, proj, layer.conv1d.weight, layer.A_log, layer.dt_bias, layer.norm.weight,
                 mx.array([layer.norm.eps], mx.float32), state],
         template=[("Dk", layer.Dk), ("Dv", layer.Dv), ("Hk", layer.Hk), ("Hv", layer.Hv), ("K", layer.kernel),
@@ -503,15 +483,6 @@ CHUNK_SCAN_SOURCE = """
 CHUNK = 32  # tokens per chunk
 SLICE = 32  # state columns per scan block: 4 blocks a 128-column head, one wave of blocks on an H100
 SCAN_THREADS = 256
-_chunk_kernels = {}
-
-
-def _chunk_kernel(name, source, inputs, outputs, shared_bytes):
-    key = (name, shared_bytes)
-    if key not in _chunk_kernels:
-        _chunk_kernels[key] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs,
-                                                  source=source, shared_memory=shared_bytes)
-    return _chunk_kernels[key]
 
 
 def chunked_usable(Dk: int, Dv: int) -> bool:
@@ -528,8 +499,8 @@ def chunked_cuda(q, k, v, g, beta, state):
     f32 = mx.float32
     q, k = q.astype(f32), k.astype(f32)  # the scan reads them as float4 (the layer gives float32 already)
     prep_bytes = 4 * (2 * C * (Dk + 1) + C * (C + 1) + C * (Dv + Dk) + 2 * C)
-    U, W, attn, G = _chunk_kernel("gdn_chunk_prep", CHUNK_PREP_SOURCE, ["q", "k", "v", "g", "beta"],
-                                  ["U", "W", "attn", "G_out"], prep_bytes)(
+    U, W, attn, G = cuda_kernel("gdn_chunk_prep", ["q", "k", "v", "g", "beta"], ["U", "W", "attn", "G_out"],
+                                 CHUNK_PREP_SOURCE, shared_memory=prep_bytes)(
         inputs=[q, k, v, g, beta],
         template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Hv", Hv)],
         grid=(N * 256, B * Hv, 1), threadgroup=(256, 1, 1),
@@ -537,8 +508,8 @@ def chunked_cuda(q, k, v, g, beta, state):
         output_dtypes=[f32, f32, f32, f32],
     )
     scan_bytes = 4 * (Dk * SLICE + 3 * C * (Dk + 4) + C * (C + 4) + 2 * C * SLICE + C)
-    out, final = _chunk_kernel("gdn_chunk_scan", CHUNK_SCAN_SOURCE, ["q", "k", "U", "W", "attn", "G", "state_in"],
-                               ["out", "state_out"], scan_bytes)(
+    out, final = cuda_kernel("gdn_chunk_scan", ["q", "k", "U", "W", "attn", "G", "state_in"], ["out", "state_out"],
+                              CHUNK_SCAN_SOURCE, shared_memory=scan_bytes)(
         inputs=[q, k, U, W, attn, G, state],
         template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("SL", SLICE), ("NTH", SCAN_THREADS),
                   ("OutT", v.dtype)],

@@ -53,6 +53,18 @@ def prepare():
         ready(name)
 
 
+_built = {}  # (name, shared memory bytes) -> the kernel
+
+
+def cuda_kernel(name, inputs, outputs, source, header="", shared_memory=0):
+    """mx.fast.cuda_kernel, built once per name (and dynamic shared memory size) on first use."""
+    key = (name, shared_memory)
+    if key not in _built:
+        _built[key] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source,
+                                          header=header, shared_memory=shared_memory)
+    return _built[key]
+
+
 def quantized_format(linear):
     """(bits, group size, scales dtype) of a linear map quantized as the kernels read it (MLX affine, 4 or 8
     bits packed in uint32, biases, group 32/64/128), else None."""

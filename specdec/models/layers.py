@@ -161,7 +161,7 @@ class ExpertLinear(nn.Module):
         # MLX-CUDA 0.32.4's gather_mm with sorted_indices=True returns wrong products (errors of the order of the
         # outputs, float32 and bfloat16 alike; scripts/check_kernels.py checks it). The rows are sorted either
         # way; without the hint the result is right.
-        sorted_hint = sorted_indices and not mx.cuda.is_available()
+        sorted_hint = sorted_indices and not kernels.on_cuda()
         return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_hint)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):

@@ -24,7 +24,7 @@ compares the two at real size on the GPU; a self-check runs once on a small case
 
 import mlx.core as mx
 
-from .kernels import quantized_format
+from .kernels import cuda_kernel, quantized_format
 
 HEADER = """
 // 16 bytes of a packed row (128 / BITS values) against those values of x, read at x[i * STRIDE]: sum(q * x).
@@ -265,16 +265,6 @@ MAX_TOKENS = 8
 SHARED_BYTES = 48 * 1024  # static shared memory a block may use
 MAX_REGISTER_FLOATS = 128  # x values a lane keeps in registers in moe_gate_up: hidden / 32
 
-_kernels = {}
-
-
-def _kernel(name, inputs, outputs, source):
-    if name not in _kernels:
-        _kernels[name] = mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs,
-                                             source=source, header=HEADER)
-    return _kernels[name]
-
-
 def _matrices(moe):
     """The expert and shared-expert matrices the kernels read as one format."""
     ex = moe.experts
@@ -334,9 +324,9 @@ def gate_up(layer, x):
         BG, GG, _ = quantized_format(layer.shared_expert_gate)
     else:  # stand-ins: the code that reads them is compiled out
         shared, (BG, GG) = _quantized(ex.gate_up) * 3, quantized_format(ex.gate_up)[:2]
-    kernel = _kernel("moe_gate_up", ["x", "logits", "gu_w", "gu_s", "gu_b", "sg_w", "sg_s", "sg_b", "su_w", "su_s",
-                                     "su_b", "gate_w", "gate_s", "gate_b"],
-                     ["act", "expert", "score", "shared_gate"], GATE_UP_SOURCE)
+    kernel = cuda_kernel("moe_gate_up", ["x", "logits", "gu_w", "gu_s", "gu_b", "sg_w", "sg_s", "sg_b", "su_w",
+                                         "su_s", "su_b", "gate_w", "gate_s", "gate_b"],
+                         ["act", "expert", "score", "shared_gate"], GATE_UP_SOURCE, header=HEADER)
     return kernel(
         inputs=[x, layer.gate(x)] + _quantized(ex.gate_up) + shared,
         template=_template(layer, x.dtype, GATE_UP_UNITS)
@@ -353,8 +343,8 @@ def down(layer, act, expert, score, shared_gate, residual=None):
     N, H = act.shape[0], layer.hidden
     ex = layer.experts
     shared = _quantized(layer.shared_expert.down_proj if layer.shared else ex.down)
-    kernel = _kernel("moe_down", ["act", "expert", "score", "shared_gate", "dn_w", "dn_s", "dn_b", "sd_w", "sd_s",
-                                  "sd_b", "residual"], ["out"], DOWN_SOURCE)
+    kernel = cuda_kernel("moe_down", ["act", "expert", "score", "shared_gate", "dn_w", "dn_s", "dn_b", "sd_w",
+                                      "sd_s", "sd_b", "residual"], ["out"], DOWN_SOURCE, header=HEADER)
     (out,) = kernel(
         inputs=[act, expert, score, shared_gate] + _quantized(ex.down) + shared
         + [residual if residual is not None else act],

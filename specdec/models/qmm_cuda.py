@@ -15,7 +15,7 @@ K between warps (KSPLIT) when a matrix has too few rows to fill the GPU, and add
 
 import mlx.core as mx
 
-from .kernels import quantized_format
+from .kernels import cuda_kernel, quantized_format
 
 SOURCE = """
     constexpr int WARPS = 8, TILES = WARPS / KSPLIT;    // 16-row tiles per block
@@ -156,17 +156,10 @@ GROUPED_PROLOGUE = """
     const int e = lo, first = e == 0 ? 0 : tile_end[e - 1];
     const int t0 = start[e] + (z - first) * 8 * NT, t1 = min(t0 + 8 * NT, start[e] + count[e]);
 """
-_kernels = {}
-
-
 def _get_kernel(grouped=False):
-    if grouped not in _kernels:
-        extra = ["tile_end", "start", "count", "x_rows", "out_rows"] if grouped else []
-        source = SOURCE.replace("PROLOGUE", GROUPED_PROLOGUE if grouped else TOKENS_PROLOGUE)
-        _kernels[grouped] = mx.fast.cuda_kernel(name="qmm_grouped" if grouped else "qmm_tokens",
-                                                input_names=["x", "w", "scales", "biases"] + extra,
-                                                output_names=["out"], source=source)
-    return _kernels[grouped]
+    extra = ["tile_end", "start", "count", "x_rows", "out_rows"] if grouped else []
+    return cuda_kernel("qmm_grouped" if grouped else "qmm_tokens", ["x", "w", "scales", "biases"] + extra, ["out"],
+                       SOURCE.replace("PROLOGUE", GROUPED_PROLOGUE if grouped else TOKENS_PROLOGUE))
 
 
 def usable(linear, x) -> bool:
