@@ -191,7 +191,8 @@ def check_qmm():
 
 def check_grouped():
     """The grouped product (rows sorted by expert) against float32 arithmetic and MLX's sorted gather_qmm, on the
-    bench model's experts: 5 tokens x top-8 (a verify window) and a 1024-token prefill chunk."""
+    bench model's experts: 5 tokens x top-8 (a verify window) and a 1024-token prefill chunk; gate_up also
+    with the SwiGLU folded in (its MLX time then includes MLX's SwiGLU)."""
     block = build_target(arch_config("qwen3.5-35b-a3b", 1), 4).model.layers[0].mlp
     ok = True
     for layer, name in ((block.experts.gate_up, "gate_up"), (block.experts.down, "down")):
@@ -207,11 +208,19 @@ def check_grouped():
             want = (h[rows].astype(mx.float32)[:, None, :] @ w[idx[rows]].astype(mx.float32).swapaxes(-1, -2)).squeeze(1)
             mlx_err = rel_err(mlx()[rows], want)
             t_m = timed(mlx, 10)
-            for nt in (2, 4):
-                err = rel_err(qmm_cuda.grouped_matmul(layer, h, idx, nt=nt)[rows], want)
+            variants = [(False, nt) for nt in (2, 4)] + ([(True, nt) for nt in (2, 4)] if name == "gate_up" else [])
+            for swiglu, nt in variants:
+                expected, mlx_ms = want, t_m
+                if swiglu:
+                    gate, up = mx.split(want, 2, axis=-1)
+                    expected = gate * mx.sigmoid(gate) * up
+                    mlx_ms = timed(lambda: (lambda g, u: g * mx.sigmoid(g) * u)(*mx.split(mlx(), 2, axis=-1)), 10)
+                run = lambda: qmm_cuda.grouped_matmul(layer, h, idx, nt=nt, swiglu=swiglu)
+                err = rel_err(run()[rows], expected)
                 ok = ok and err <= 1e-2
-                t_g = timed(lambda: qmm_cuda.grouped_matmul(layer, h, idx, nt=nt), 10)
-                print(f"{f'grouped {name} (tiles of {8 * nt})':<28}{idx.size:>6}{err:>9.1e}{mlx_err:>9.1e}{t_g:>9.3f}{t_m:>8.3f}{t_m / t_g:>7.2f}")
+                t_g = timed(run, 10)
+                label = f"grouped {name}{' SwiGLU' if swiglu else ''} (tiles of {8 * nt})"
+                print(f"{label:<28}{idx.size:>6}{err:>9.1e}{mlx_err:>9.1e}{t_g:>9.3f}{mlx_ms:>8.3f}{mlx_ms / t_g:>7.2f}")
         del w
     return ok
 

@@ -111,7 +111,7 @@ class GDNCache:
         return self._window is not None and self.method == "replay"
 
     def begin_window(self):
-        self._window = {"state": self.state, "conv_in": [], "tape": [], "states": []}
+        self._window = {"state": self.state, "conv_in": [], "tape": [], "states": [], "tokens": 0}
 
     def advance(self, conv_in, final_state, S: int, tape=None, states=None):
         """Called by the GDN layer after each forward of S tokens with what it consumed and produced: the conv
@@ -120,6 +120,7 @@ class GDNCache:
         w = self._window
         if w is not None:
             w["kernel_1"] = conv_in.shape[1] - S
+            w["tokens"] += S
             w["conv_in"].append(conv_in)
             if self.method == "states":
                 w["states"].append(states)
@@ -135,13 +136,13 @@ class GDNCache:
     def _close_window(self, keep: int):
         """End the window at `keep` tokens: the arrays the rewind needs, or None when everything is kept."""
         w, self._window = self._window, None
-        k1, forwards = w.get("kernel_1", 0), w["conv_in"]
-        processed = sum(c.shape[1] - k1 for c in forwards)
-        if not 0 <= keep <= processed:
+        processed = w["tokens"]
+        if keep == processed:  # everything accepted: the cache is already there
+            return None
+        if not 0 <= keep < processed:
             raise ValueError(f"commit keeps {keep} of {processed} window tokens")
         self.offset -= processed - keep
-        if keep == processed:
-            return None
+        k1, forwards = w["kernel_1"], w["conv_in"]
         # the conv inputs from before the window through its last token
         history = forwards[0] if len(forwards) == 1 else mx.concatenate(
             [forwards[0]] + [c[:, k1:] for c in forwards[1:]], axis=1)
@@ -204,10 +205,13 @@ class ModelCache(list):
             c.begin_window()
 
     def commit(self, keep: int):
+        gdn = []
         for c in self:
             if isinstance(c, KVCache):
                 c.commit(keep)
-        commit_gdn([c for c in self if isinstance(c, GDNCache)], keep)
+            else:
+                gdn.append(c)
+        commit_gdn(gdn, keep)
 
     @property
     def offset(self) -> int:

@@ -147,13 +147,15 @@ def test_one_tile_of_k_avoids_mlx_cuda_quantized_matmul(monkeypatch):
     assert not Linear(128, 128, bias=False).to_quantized(64, 4).use_dequantized(mx.ones((8, 128)))
 
 
-def test_expert_tiles_cover_each_experts_rows_in_16_row_tiles():
+def test_expert_tiles_cover_each_experts_rows_in_whole_tiles():
     idx = mx.array([0] * 3 + [1] * 17 + [3] * 40 + [4], mx.int32)
-    tile_end, start, count = qmm_cuda.expert_tiles(idx, 6)
+    tile_end, start, count = qmm_cuda.expert_tiles(idx, 6, 16)
     assert count.tolist() == [3, 17, 0, 40, 1, 0]
     assert start.tolist() == [0, 3, 20, 20, 60, 61]
     assert tile_end.tolist() == [1, 3, 3, 6, 7, 7]  # 1 + 2 + 0 + 3 + 1 tiles; the grid's bound covers them
-    assert tile_end[-1].item() <= -(-idx.size // qmm_cuda.GROUP_TILE) + 6
+    assert tile_end[-1].item() <= -(-idx.size // 16) + 6
+    default = qmm_cuda.expert_tiles(idx, 6)[0]  # the grouped product's own tile size
+    assert default.tolist() == qmm_cuda.expert_tiles(idx, 6, qmm_cuda.GROUP_TILE)[0].tolist()
 
 
 def test_long_inputs_go_to_the_chunk_kernels_with_their_contract(monkeypatch):

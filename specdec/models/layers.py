@@ -225,8 +225,8 @@ class Experts(nn.Module):
         idx = flat[order]
         if self.grouped_kernel_ready(x, indices.size):  # reads x through the order and writes back through it
             tiles = qmm_cuda.expert_tiles(idx, self.gate_up.weight.shape[0])
-            gate, up = mx.split(qmm_cuda.grouped_matmul(self.gate_up, x, idx, tiles, x_rows=order // k), 2, axis=-1)
-            y = qmm_cuda.grouped_matmul(self.down, nn.silu(gate) * up, idx, tiles, out_rows=order)
+            h = qmm_cuda.grouped_matmul(self.gate_up, x, idx, tiles, x_rows=order // k, swiglu=True)
+            y = qmm_cuda.grouped_matmul(self.down, h, idx, tiles, out_rows=order)
             return y.reshape(N, k, -1)
         matmul = lambda layer, a: layer(a[:, None, :], idx, True).squeeze(-2)
         gate, up = mx.split(matmul(self.gate_up, x[order // k]), 2, axis=-1)
@@ -315,7 +315,8 @@ kernels.register("moe", _moe_self_check)
 
 def _qmm_self_check() -> bool:
     """The tensor-core matmul against float32 arithmetic on dequantized weights: 4- and 8-bit, 3 and 11 tokens,
-    a K split between warps (few rows) and none (many); and the grouped form, rows sorted over uneven experts."""
+    a K split between warps (few rows) and none (many); and the grouped form, rows sorted over uneven experts,
+    plain and with the SwiGLU of gate and up."""
     keys = iter(mx.random.split(mx.random.key(2), 16))
     for bits, rows, tokens, split in ((4, 96, 3, 1), (8, 40, 11, None), (4, 4096, 5, 2)):
         linear = Linear(1024, rows, bias=False)
@@ -340,9 +341,12 @@ def _qmm_self_check() -> bool:
     shuffle = mx.random.permutation(idx.size, key=next(keys)).astype(mx.uint32)
     spread = mx.zeros_like(x).at[shuffle].add(x)  # spread[shuffle[i]] = x[i]
     moved = qmm_cuda.grouped_matmul(experts, spread, idx, x_rows=shuffle, out_rows=shuffle)[shuffle]
-    for name, found in (("grouped", got), ("grouped, rows through indices", moved)):
-        if not kernels.close(found, want, 1e-2):
-            raise ValueError(f"{name}: max error {mx.abs(found.astype(mx.float32) - want).max().item():.3g}")
+    gate, up = mx.split(want, 2, axis=-1)
+    fused = qmm_cuda.grouped_matmul(experts, x, idx, swiglu=True)
+    for name, found, expected in (("grouped", got, want), ("grouped, rows through indices", moved, want),
+                                  ("grouped SwiGLU", fused, gate * mx.sigmoid(gate) * up)):
+        if not kernels.close(found, expected, 1e-2):
+            raise ValueError(f"{name}: max error {mx.abs(found.astype(mx.float32) - expected).max().item():.3g}")
     return True
 
 

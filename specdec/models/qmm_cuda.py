@@ -11,11 +11,59 @@ scaled: y += scale * (q . x) + bias * sum(x), as MLX defines the affine format, 
 inside a group is permuted so that a lane reads whole words of its rows and whole 16-byte runs of x; the
 permutation is the same for A and B, so the products pair up as in the plain order. Blocks of 8 warps split
 K between warps (KSPLIT) when a matrix has too few rows to fill the GPU, and add the parts in shared memory.
+
+The grouped product (rows sorted by expert, a prefill's thousands) multiplies many more tokens per weight, so
+there the A fragments are the dequantized weights themselves (scale * code + bias, one bfloat16 rounding, as
+MLX's dequantize) and one accumulator runs over all of K: each weight is dequantized once per tile of tokens,
+not once per 8 tokens, and no sum of x is needed.
 """
 
 import mlx.core as mx
 
 from .kernels import cuda_kernel, quantized_format
+
+# The m16n8k16 fragments both kernels build. Lane (gid, tig) holds, per quantization group, GS / 4 codes of its
+# rows (WPT words) and GS / 4 values of x (as 16-byte runs); step s of the group's GS / 16 mma steps takes:
+#   4 bits: word s/2 holds 8 codes; pairs (c, c+4) and (c+1, c+5), c = 2 (s % 2);
+#   8 bits: word s holds 4 codes; pairs (0, 2) and (1, 3);
+# and the x values at the same places, so that A and B pair up as in the plain k order.
+HEADER = r"""
+template <int BITS>
+__device__ __forceinline__ void code_pairs(const uint32_t* q, int step, __nv_bfloat162& lo, __nv_bfloat162& hi) {
+    if (BITS == 4) {  // nibbles c and c+4 become (128 + code) through the 0x4300 exponent, then 128 comes off
+        const uint32_t word = q[step / 2];
+        const int c = (step % 2) * 2;
+        const __nv_bfloat162 bias128 = __floats2bfloat162_rn(128.f, 128.f);
+        uint32_t t0 = ((word >> (4 * c)) & 0x000F000Fu) | 0x43004300u;
+        uint32_t t1 = ((word >> (4 * c + 4)) & 0x000F000Fu) | 0x43004300u;
+        lo = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&t0), bias128);
+        hi = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&t1), bias128);
+    } else {
+        const uint32_t word = q[step];
+        lo = __floats2bfloat162_rn(static_cast<float>(word & 0xFFu), static_cast<float>((word >> 16) & 0xFFu));
+        hi = __floats2bfloat162_rn(static_cast<float>((word >> 8) & 0xFFu), static_cast<float>(word >> 24));
+    }
+}
+
+template <int BITS>
+__device__ __forceinline__ void x_pairs(const uint4* xv, int step, uint32_t b[2]) {
+    const uint4 v = xv[step / 2];
+    const bool first = step % 2 == 0;
+    const uint32_t lo = BITS == 4 ? (first ? v.x : v.y) : (first ? v.x : v.z);
+    const uint32_t hi = BITS == 4 ? (first ? v.z : v.w) : (first ? v.y : v.w);
+    b[0] = __byte_perm(lo, hi, 0x5410);
+    b[1] = __byte_perm(lo, hi, 0x7632);
+}
+
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+__device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+"""
 
 SOURCE = """
     constexpr int WARPS = 8, TILES = WARPS / KSPLIT;    // 16-row tiles per block
@@ -26,9 +74,9 @@ SOURCE = """
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int tile = warp % TILES, ks = warp / TILES;
-    PROLOGUE  // -> N (rows of the matrix), e (which matrix), t0 .. t1 (the rows of x this block multiplies)
+    const int N = w_shape[0], t0 = blockIdx.y * 8 * NT, t1 = min(t0 + 8 * NT, x_shape[0]);  // this block's rows of x
     const int f0 = (blockIdx.x * TILES + tile) * 16;
-    const size_t r0 = (size_t)e * N + min(f0 + gid, N - 1), r1 = (size_t)e * N + min(f0 + gid + 8, N - 1);  // rows past N: read, not written
+    const size_t r0 = min(f0 + gid, N - 1), r1 = min(f0 + gid + 8, N - 1);  // rows past N: read, not written
     const uint32_t* w0 = reinterpret_cast<const uint32_t*>(w) + r0 * WPR + tig * WPT;
     const uint32_t* w1 = reinterpret_cast<const uint32_t*>(w) + r1 * WPR + tig * WPT;
 
@@ -48,7 +96,7 @@ SOURCE = """
             // this lane's XPT values of x for token nt * 8 + gid (zeros past M), as 16-byte runs
             const int n = t0 + nt * 8 + gid;
             uint4 xv[XPT / 8];
-            const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)XROW(min(n, t1 - 1)) * K + g * GS + tig * XPT);
+            const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)min(n, t1 - 1) * K + g * GS + tig * XPT);
             float xs = 0.f;
             #pragma unroll
             for (int i = 0; i < XPT / 8; ++i) {
@@ -59,39 +107,16 @@ SOURCE = """
             }
             xs += __shfl_xor_sync(0xffffffff, xs, 1);
             xs += __shfl_xor_sync(0xffffffff, xs, 2);   // sum(x) over the group, token n
-            float d[4] = {0.f, 0.f, 0.f, 0.f};
+            float d[4] = {0.f, 0.f, 0.f, 0.f};          // codes . x over the group: scaled below
             #pragma unroll
             for (int step = 0; step < GS / 16; ++step) {
-                uint32_t a[4], b[2];
-                if (BITS == 4) {  // word step/2 holds 8 codes; this step takes pairs (s, s+4) and (s+1, s+5)
-                    const int word = step / 2, s = (step % 2) * 2;
-                    const __nv_bfloat162 bias128 = __floats2bfloat162_rn(128.f, 128.f);
-                    auto pair = [&](uint32_t q, int shift) {
-                        uint32_t t = ((q >> (4 * shift)) & 0x000F000Fu) | 0x43004300u;  // (128 + c_lo, 128 + c_hi)
-                        __nv_bfloat162 h = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&t), bias128);
-                        return *reinterpret_cast<uint32_t*>(&h);
-                    };
-                    a[0] = pair(q0[word], s); a[1] = pair(q1[word], s); a[2] = pair(q0[word], s + 1); a[3] = pair(q1[word], s + 1);
-                    const uint4 v = xv[word];  // x at the word's 8 positions, values (0..7)
-                    const uint32_t lo = s == 0 ? v.x : v.y, hi = s == 0 ? v.z : v.w;
-                    b[0] = __byte_perm(lo, hi, 0x5410);  // (x_s, x_{s+4})
-                    b[1] = __byte_perm(lo, hi, 0x7632);  // (x_{s+1}, x_{s+5})
-                } else {          // 8 bits: word `step` holds 4 codes; pairs (0, 2) and (1, 3)
-                    auto pair = [&](uint32_t q, int first) {
-                        __nv_bfloat162 h = __floats2bfloat162_rn(static_cast<float>((q >> (8 * first)) & 0xFFu),
-                                                                 static_cast<float>((q >> (8 * first + 16)) & 0xFFu));
-                        return *reinterpret_cast<uint32_t*>(&h);
-                    };
-                    a[0] = pair(q0[step], 0); a[1] = pair(q1[step], 0); a[2] = pair(q0[step], 1); a[3] = pair(q1[step], 1);
-                    const uint4 v = xv[step / 2];
-                    const uint32_t lo = step % 2 == 0 ? v.x : v.z, hi = step % 2 == 0 ? v.y : v.w;
-                    b[0] = __byte_perm(lo, hi, 0x5410);  // (x_0, x_2)
-                    b[1] = __byte_perm(lo, hi, 0x7632);  // (x_1, x_3)
-                }
-                asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                             "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+                __nv_bfloat162 lo0, hi0, lo1, hi1;
+                code_pairs<BITS>(q0, step, lo0, hi0);
+                code_pairs<BITS>(q1, step, lo1, hi1);
+                const uint32_t a[4] = {bits_of(lo0), bits_of(lo1), bits_of(hi0), bits_of(hi1)};
+                uint32_t b[2];
+                x_pairs<BITS>(xv, step, b);
+                mma_bf16(d, a, b);
             }
             // d[0], d[1]: row r0, tokens nt*8 + 2 tig + {0, 1}; d[2], d[3]: row r1, same tokens
             const float x0 = __shfl_sync(0xffffffff, xs, (2 * tig) * 4), x1 = __shfl_sync(0xffffffff, xs, (2 * tig + 1) * 4);
@@ -122,7 +147,93 @@ SOURCE = """
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const int n = t0 + nt * 8 + 2 * tig + (c & 1), r = f0 + gid + (c >> 1) * 8;
-            if (n < t1 && r < N) out[(size_t)OROW(n) * N + r] = static_cast<T>(acc[nt][c]);
+            if (n < t1 && r < N) out[(size_t)n * N + r] = static_cast<T>(acc[nt][c]);
+        }
+    }
+"""
+
+# The grouped product: block (x, z) multiplies tile z of up to 8 * NT sorted rows (all of one expert) with 8 warps'
+# worth of that expert's output columns. Row i reads x[x_rows[i]] (GATHER) and writes out[out_rows[i]] (SCATTER).
+# SWIGLU: the matrix is [gate; up] (2I rows) and the output is silu(x . gate) * (x . up) [P, I]: a warp's A rows
+# are 8 gate rows and the 8 up rows of the same columns, so both halves of a product land in the same lane.
+GROUPED_SOURCE = """
+    constexpr int WARPS = 8, GROUPS = K / GS;
+    constexpr int WPT = GS * BITS / 128, WPR = K * BITS / 32, XPT = GS / 4;  // as in the token kernel
+    constexpr int COLS = SWIGLU ? 8 : 16;               // output columns per warp
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int N = w_shape[1], OUT = SWIGLU ? N / 2 : N, E = tile_end_shape[0], z = blockIdx.y;
+    if (z >= tile_end[E - 1]) return;                   // past the last tile (the grid is an upper bound)
+    int lo = 0, hi = E - 1;                             // the expert whose tiles include z
+    while (lo < hi) { const int mid = (lo + hi) / 2; if (tile_end[mid] > z) hi = mid; else lo = mid + 1; }
+    const int e = lo, first = e == 0 ? 0 : tile_end[e - 1];
+    const int t0 = start[e] + (z - first) * 8 * NT, t1 = min(t0 + 8 * NT, start[e] + count[e]);
+    const int f0 = (blockIdx.x * WARPS + warp) * COLS;
+    if (f0 >= OUT) return;
+    const int ra = min(f0 + gid, OUT - 1), rb = SWIGLU ? ra + OUT : min(f0 + gid + 8, N - 1);  // past the end: read, not written
+    const size_t r0 = (size_t)e * N + ra, r1 = (size_t)e * N + rb;
+    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(w) + r0 * WPR + tig * WPT;
+    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(w) + r1 * WPR + tig * WPT;
+    const T* xp[NT];
+    bool live[NT];
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int n = min(t0 + nt * 8 + gid, t1 - 1);
+        live[nt] = t0 + nt * 8 + gid < t1;
+        xp[nt] = x + (GATHER ? static_cast<size_t>(x_rows[n]) : static_cast<size_t>(n)) * K + tig * XPT;
+    }
+
+    float acc[NT][4];
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+    #pragma unroll 2
+    for (int g = 0; g < GROUPS; ++g) {
+        uint32_t q0[WPT], q1[WPT];
+        #pragma unroll
+        for (int i = 0; i < WPT; ++i) { q0[i] = w0[g * 4 * WPT + i]; q1[i] = w1[g * 4 * WPT + i]; }
+        const __nv_bfloat162 s0 = __float2bfloat162_rn(static_cast<float>(scales[r0 * GROUPS + g]));
+        const __nv_bfloat162 s1 = __float2bfloat162_rn(static_cast<float>(scales[r1 * GROUPS + g]));
+        const __nv_bfloat162 c0 = __float2bfloat162_rn(static_cast<float>(biases[r0 * GROUPS + g]));
+        const __nv_bfloat162 c1 = __float2bfloat162_rn(static_cast<float>(biases[r1 * GROUPS + g]));
+        uint4 xv[NT][XPT / 8];
+        #pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            #pragma unroll
+            for (int i = 0; i < XPT / 8; ++i)
+                xv[nt][i] = live[nt] ? reinterpret_cast<const uint4*>(xp[nt] + g * GS)[i] : make_uint4(0, 0, 0, 0);
+        #pragma unroll
+        for (int step = 0; step < GS / 16; ++step) {
+            __nv_bfloat162 lo0, hi0, lo1, hi1;
+            code_pairs<BITS>(q0, step, lo0, hi0);
+            code_pairs<BITS>(q1, step, lo1, hi1);
+            // the weights themselves, scale * code + bias, rounded once to bfloat16
+            const uint32_t a[4] = {bits_of(__hfma2(lo0, s0, c0)), bits_of(__hfma2(lo1, s1, c1)),
+                                   bits_of(__hfma2(hi0, s0, c0)), bits_of(__hfma2(hi1, s1, c1))};
+            #pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {  // each weight serves every 8-token tile
+                uint32_t b[2];
+                x_pairs<BITS>(xv[nt], step, b);
+                mma_bf16(acc[nt], a, b);
+            }
+        }
+    }
+    // acc[nt][0..1]: A row gid, tokens nt*8 + 2 tig + {0, 1}; acc[nt][2..3]: A row gid + 8, same tokens
+    #pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        #pragma unroll
+        for (int c = 0; c < 2; ++c) {
+            const int n = t0 + nt * 8 + 2 * tig + c;
+            if (n >= t1) continue;
+            const size_t row = SCATTER ? static_cast<size_t>(out_rows[n]) : static_cast<size_t>(n);
+            if (SWIGLU) {  // gate and up rounded as the unfused products would be
+                const float gate = static_cast<float>(static_cast<T>(acc[nt][c]));
+                const float up = static_cast<float>(static_cast<T>(acc[nt][2 + c]));
+                if (f0 + gid < OUT) out[row * OUT + f0 + gid] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
+            } else {
+                if (f0 + gid < N) out[row * N + f0 + gid] = static_cast<T>(acc[nt][c]);
+                if (f0 + gid + 8 < N) out[row * N + f0 + gid + 8] = static_cast<T>(acc[nt][2 + c]);
+            }
         }
     }
 """
@@ -137,29 +248,11 @@ LARGE_BYTES = 32 * 2**20
 MEDIUM_BYTES = 6 * 2**20
 TARGET_BLOCKS = 264  # two blocks per SM of an H100: split K until a matrix has this many
 
-# Which rows of x a block multiplies, and with which matrix: all of x (up to 16 tokens) with the one matrix, or
-# (grouped) one tile of up to 16 rows of x sorted by expert, with that expert's matrix of a stacked [E, N, K].
-# XROW(i) / OROW(i): where row i of the product reads x and writes out (grouped: optionally through index arrays,
-# so that x needs no gather into expert order and the output no gather back).
-TOKENS_PROLOGUE = """
-    const int N = w_shape[0], e = 0, t0 = blockIdx.y * 8 * NT, t1 = min(t0 + 8 * NT, x_shape[0]);
-    #define XROW(i) (i)
-    #define OROW(i) (i)
-"""
-GROUPED_PROLOGUE = """
-    const int N = w_shape[1], E = tile_end_shape[0], z = blockIdx.y;
-    if (z >= tile_end[E - 1]) return;                   // past the last tile (the grid is an upper bound)
-    #define XROW(i) (GATHER ? static_cast<size_t>(x_rows[i]) : static_cast<size_t>(i))
-    #define OROW(i) (SCATTER ? static_cast<size_t>(out_rows[i]) : static_cast<size_t>(i))
-    int lo = 0, hi = E - 1;                             // the expert whose tiles include z
-    while (lo < hi) { const int mid = (lo + hi) / 2; if (tile_end[mid] > z) hi = mid; else lo = mid + 1; }
-    const int e = lo, first = e == 0 ? 0 : tile_end[e - 1];
-    const int t0 = start[e] + (z - first) * 8 * NT, t1 = min(t0 + 8 * NT, start[e] + count[e]);
-"""
 def _get_kernel(grouped=False):
-    extra = ["tile_end", "start", "count", "x_rows", "out_rows"] if grouped else []
-    return cuda_kernel("qmm_grouped" if grouped else "qmm_tokens", ["x", "w", "scales", "biases"] + extra, ["out"],
-                       SOURCE.replace("PROLOGUE", GROUPED_PROLOGUE if grouped else TOKENS_PROLOGUE))
+    if grouped:
+        return cuda_kernel("qmm_grouped", ["x", "w", "scales", "biases", "tile_end", "start", "count", "x_rows",
+                                           "out_rows"], ["out"], GROUPED_SOURCE, header=HEADER)
+    return cuda_kernel("qmm_tokens", ["x", "w", "scales", "biases"], ["out"], SOURCE, header=HEADER)
 
 
 def usable(linear, x) -> bool:
@@ -219,32 +312,36 @@ def expert_tiles(indices, num_experts: int, tile: int = None):
     return mx.cumsum((count + tile - 1) // tile), end - count, count
 
 
-GROUP_TILE = 16  # rows of x per block in the grouped product (two 8-token mma tiles)
-# Below this many rows MLX's sorted gather_qmm is as fast (it took 0.12 ms for 40 rows against 0.2 here); at
-# a prefill's 8192 rows (1024 tokens, top-8) it takes 7.1 ms for the experts' gate/up and 3.8 ms for down,
-# against 0.78 and 0.49 ms here (H100, Qwen3.5-35B-A3B shapes).
+# Rows of x per block in the grouped product (four 8-token mma tiles). On an H100, Qwen3.5-35B-A3B shapes, a
+# 1024-token prefill's 8192 rows (top-8): gate/up with the SwiGLU 0.60-0.63 ms against 0.66-0.72 in 16-row
+# tiles; down 0.40-0.47 ms either way. MLX's sorted gather_qmm takes 7.0 and 3.8 ms for them.
+GROUP_TILE = 32
+# Below this many rows MLX's sorted gather_qmm is as fast (it took 0.12-0.15 ms for 40 rows against 0.17-0.2 here).
 GROUPED_MIN_ROWS = 256
 
 
-def grouped_matmul(layer, x, indices, tiles=None, nt=None, x_rows=None, out_rows=None):
+def grouped_matmul(layer, x, indices, tiles=None, nt=None, x_rows=None, out_rows=None, swiglu=False):
     """Rows sorted by expert times their expert's dequantized [N, K] matrix of a QuantizedExpertLinear's
-    [E, N, K], each expert's weights read once per 16 rows. indices [P]: the expert of each row, non-decreasing.
-    Row i reads x[x_rows[i]] (x [P, K] in that order without x_rows) and goes to out[out_rows[i]] (to out[i]
-    without), out [P, N]: so a caller needs no gather into expert order or back. MLX-CUDA's gather_qmm takes
-    ~7 ms for a 1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
+    [E, N, K], each expert's weights read once per 8 * nt rows. indices [P]: the expert of each row,
+    non-decreasing. Row i reads x[x_rows[i]] (x [P, K] in that order without x_rows) and goes to out[out_rows[i]]
+    (to out[i] without), out [P, N]: so a caller needs no gather into expert order or back. With `swiglu` the
+    matrix is [gate; up] and out [P, N/2] is silu(x . gate) * (x . up). MLX-CUDA's gather_qmm takes ~7 ms for a
+    1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
     P, K = indices.shape[0], x.shape[-1]
     E, N = layer.weight.shape[:2]
+    out_cols = N // 2 if swiglu else N
     nt = nt or GROUP_TILE // 8
     tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E, 8 * nt)
     unused = tile_end  # an input the kernel does not read
+    cols_per_block = 8 * (8 if swiglu else 16)
     (out,) = _get_kernel(grouped=True)(
         inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count,
                 unused if x_rows is None else x_rows, unused if out_rows is None else out_rows],
-        template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", nt),
-                  ("KSPLIT", 1), ("T", x.dtype), ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None)],
-        grid=(-(-N // 128) * 256, -(-P // (8 * nt)) + E, 1),
+        template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", nt), ("T", x.dtype),
+                  ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None), ("SWIGLU", swiglu)],
+        grid=(-(-out_cols // cols_per_block) * 256, -(-P // (8 * nt)) + E, 1),
         threadgroup=(256, 1, 1),
-        output_shapes=[(P, N)],
+        output_shapes=[(P, out_cols)],
         output_dtypes=[x.dtype],
     )
     return out
