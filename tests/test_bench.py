@@ -12,6 +12,10 @@ from specdec import bench
 from specdec.cli import main
 from specdec.errors import BenchError
 
+# A window vs one-by-one forwards differ by rounding only: under 0.05 on the CPU, 0.056-0.061 with the bfloat16
+# kernels of an H100. A wrong product gave 0.9.
+ROUNDING = 0.1
+
 
 def tiny_model(model_type="qwen3_5_moe", layers=4, dtype=mx.float32, bits=16):
     cfg = replace(bench.arch_config("tiny", layers), model_type=model_type)
@@ -54,8 +58,7 @@ def test_cli_report(tmp_path, capsys):
     assert [r["S"] for r in report["moe"]] == [1, 5, 16]
     assert [r["S"] for r in report["components"]] == [1, 16]
     assert set(report["components"][0]) == {"S", "lm_head_ms", "gdn_layer_ms", "attention_layer_ms", "moe_layer_ms"}
-    # rounding only (under 0.05 on the CPU, 0.056 with the bfloat16 kernels of an H100); a wrong product gave 0.9
-    assert report["consistency"]["same_argmax"] == 1.0 and report["consistency"]["hidden_max_rel_diff"] < 0.1
+    assert report["consistency"]["same_argmax"] == 1.0 and report["consistency"]["hidden_max_rel_diff"] < ROUNDING
     bw = report["bandwidth"]
     assert bw["bytes"]["total"] == sum(v for k, v in bw["bytes"].items() if k != "total")
 
@@ -118,7 +121,7 @@ def test_greedy_head_gives_a_stable_successor_chain():
     assert chain == [int(successor[t]) for t in [prompt[-1]] + chain[:-1]]
     cache, _ = bench.prefill(model, prompt)
     check = bench.window_consistency(model, cache, 5, np.random.default_rng(4))
-    assert check["same_argmax"] == 1.0 and check["hidden_max_rel_diff"] < 0.05
+    assert check["same_argmax"] == 1.0 and check["hidden_max_rel_diff"] < ROUNDING
 
 
 def test_expected_tau():

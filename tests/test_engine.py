@@ -235,6 +235,11 @@ def test_greedy_speculation_is_lossless(tiny, references, noisy, target_name, ki
 # ------------------------------------------------------------------------------------------------ caches
 
 
+# A window's forward and one-token forwards round float32 alike on the CPU; on a GPU their matmuls differ in the
+# last bits (an H100 showed single elements 1e-5 to 2e-5 apart). A cache corrupted by a rejected token is off by O(1).
+CACHE_ROUNDING = 1e-5 if mx.default_device() == mx.cpu else 1e-4
+
+
 def assert_same_cache(got, want, what):
     assert len(got) == len(want), what
     for i, (g, w) in enumerate(zip(got, want)):
@@ -247,7 +252,7 @@ def assert_same_cache(got, want, what):
             pairs = {"conv_state": (g.conv_state, w.conv_state), "state": (g.state, w.state)}
         for name, (a, b) in pairs.items():
             assert a.shape == b.shape, f"{what}: layer {i} {name} shape {a.shape} vs {b.shape}"
-            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5,
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=CACHE_ROUNDING, atol=CACHE_ROUNDING,
                                        err_msg=f"{what}: layer {i} {name}")
 
 
