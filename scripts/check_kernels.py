@@ -52,6 +52,7 @@ def main():
     print(f"worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): {'OK' if ok else 'MISMATCH'}")
     ok = check_chunked() and ok
     ok = check_mixer() and ok
+    ok = check_prep() and ok
     ok = check_moe() and ok
     ok = check_qmm() and ok
     ok = check_one_tile_products() and ok
@@ -116,6 +117,32 @@ def check_mixer():
     ok = worst <= 1e-2 and worst_out <= 5e-2
     print(f"fused mixer: worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): "
           f"{'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+def check_prep():
+    """A prefill's recurrence inputs in one kernel (gdn_cuda.prep) against GatedDeltaNet.recurrence_inputs on a
+    real-size bfloat16 layer of each architecture."""
+    print(f"{'prefill recurrence inputs':<36}{'err':>9}{'kernel ms':>11}{'ops ms':>9}")
+    worst = 0.0
+    for arch in ("qwen3.5-35b-a3b", "qwen3-next-80b-a3b"):
+        cfg = arch_config(arch, 1)
+        layer = build_target(cfg, 16).model.layers[0].linear_attn
+        for S in (33, 1024, 4096):
+            ks = mx.random.split(mx.random.key(200 + S), 2)
+            x = mx.random.normal((1, S, cfg.hidden_size), key=ks[0]).astype(mx.bfloat16)
+            carried = mx.random.normal((1, layer.kernel - 1, layer.conv_dim), key=ks[1]).astype(mx.bfloat16)
+            qkv, _, b, a = layer.project(x)
+            conv_in = mx.concatenate([carried, qkv], axis=1)
+            mx.eval(conv_in, b, a)
+            got, want = gdn_cuda.prep(layer, conv_in, b, a), layer.recurrence_inputs(conv_in, b, a)
+            err = max(rel_err(u, w) for u, w in zip(got, want))
+            worst = max(worst, err)
+            t_k = timed(lambda: gdn_cuda.prep(layer, conv_in, b, a), 10)
+            t_o = timed(lambda: layer.recurrence_inputs(conv_in, b, a), 10)
+            print(f"{f'{arch} S={S}':<36}{err:>9.1e}{t_k:>11.3f}{t_o:>9.3f}")
+    ok = worst <= 1e-2
+    print(f"prefill recurrence inputs: worst relative error {worst:.2e}: {'OK' if ok else 'MISMATCH'}")
     return ok
 
 

@@ -109,6 +109,9 @@ def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, 
         window = mx.concatenate([mx.array([last], mx.int32), drafts])[None]
         out = target(window, cache, return_hidden=want_hidden)
         logits, hidden = out if want_hidden else (out, None)
+        if k:  # the commit's picks are laid out while the device verifies
+            mx.async_eval(logits)
+            cache.prepare_commit()
         if params.greedy:
             n, next_token = accept_greedy(logits[0], drafts)
         else:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from specdec.bench import arch_config
+from specdec.cache import make_cache
 from specdec.loading import quantize_model
 from specdec.models import gdn, gdn_cuda, kernels, moe_cuda, qmm_cuda
 from specdec.models.config import ModelConfig
@@ -16,11 +17,11 @@ from specdec.models.layers import Linear, QuantizedLinear, SparseMoE
 
 
 @pytest.mark.parametrize("setting, on", [
-    (None, {"gdn_chunked", "gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
-    ("all", {"gdn_chunked", "gdn_mixer", "gdn_recurrence", "moe", "qmm"}),
+    (None, {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"}),
+    ("all", {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"}),
     ("none", set()),
     ("0", set()),
-    ("gdn", {"gdn_chunked", "gdn_mixer", "gdn_recurrence"}),
+    ("gdn", {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence"}),
     ("moe, qmm", {"moe", "qmm"}),
 ])
 def test_kernel_switch(monkeypatch, setting, on):
@@ -28,7 +29,7 @@ def test_kernel_switch(monkeypatch, setting, on):
         monkeypatch.delenv("SPECDEC_KERNELS", raising=False)
     else:
         monkeypatch.setenv("SPECDEC_KERNELS", setting)
-    names = {"gdn_chunked", "gdn_mixer", "gdn_recurrence", "moe", "qmm"}
+    names = {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"}
     assert {n for n in names if kernels.allowed(n)} == on
 
 
@@ -36,7 +37,7 @@ def test_no_kernel_runs_off_cuda():
     device = mx.default_device()
     mx.set_default_device(mx.cpu)  # the CPU of a CUDA machine too
     try:
-        assert not any(kernels.ready(name) for name in ("gdn_mixer", "gdn_recurrence", "moe", "qmm"))
+        assert not any(kernels.ready(name) for name in ("gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"))
     finally:
         mx.set_default_device(device)
 
@@ -181,3 +182,30 @@ def test_long_inputs_go_to_the_chunk_kernels_with_their_contract(monkeypatch):
     assert kernels.close(out, want_out, 1e-2) and kernels.close(final, want_final, 1e-4)
     gdn.gdn(q[:, :8], k[:, :8], v[:, :8], g[:, :8], beta[:, :8])  # a verify window: the token loop
     assert len(calls) == 1
+
+
+def test_prefills_compute_recurrence_inputs_with_the_prep_kernel(tiny, monkeypatch):
+    """Where the prep kernel may run, a prefill's GDN layers take their recurrence inputs from gdn_cuda.prep
+    (contract: conv_in, b, a as the operations get them); short windows do not. A stand-in computing that contract
+    with operations gives the same logits."""
+    from test_engine import random_prompt
+
+    model = tiny.model("moe")
+    tokens = mx.array([random_prompt(40, seed=4)])
+    want = model.forward(tokens, make_cache(model))
+    calls = []
+
+    def stand_in(layer, conv_in, b, a):
+        calls.append((conv_in.shape[1] - (layer.kernel - 1), b.shape, a.shape))
+        return layer.recurrence_inputs(conv_in, b, a)
+
+    monkeypatch.setattr(kernels, "ready", lambda name: name == "gdn_prep")
+    monkeypatch.setattr(gdn_cuda, "prep", stand_in)
+    monkeypatch.setattr(gdn_cuda, "prep_usable", lambda layer: True)  # the real kernel needs whole-warp heads
+    got = model.forward(tokens, make_cache(model))
+    gdn_layers = model.layer_types.count("linear_attention")
+    Hv = model.config.linear_num_value_heads
+    assert calls == [(40, (1, 40, Hv), (1, 40, Hv))] * gdn_layers
+    assert mx.array_equal(got, want).item()
+    model.forward(tokens[:, :8], make_cache(model))  # a window of the token loop's length: no prep
+    assert len(calls) == gdn_layers

@@ -267,6 +267,87 @@ def mixer(layer, conv_in, proj, state, keep_states, keep_tape=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A prefill's recurrence inputs in one launch: conv + silu, the l2 norms of q and k (q scaled by Dk^-0.5), and
+# the gates g and beta, as GatedDeltaNet.recurrence_inputs computes them with ~30 MLX operations a layer (0.3 ms
+# a layer for 1024 tokens of Qwen3.5-35B-A3B on an H100, most of it the conv's four strided multiplies).
+# One block per token; warps take heads (q heads, k heads, v heads) in turn, a lane every 32nd channel. The
+# rounding is the operations' (and the fused mixer's): the conv and silu in CT, step by step; norms and gates
+# in float32.
+
+PREP_SOURCE = """
+    constexpr int C = 2 * Hk * Dk + Hv * Dv, UNITS = 2 * Hk + Hv, MAXR = (Dk > Dv ? Dk : Dv) / 32;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    const int S = b_shape[1], L = conv_in_shape[1], bt = blockIdx.x, bi = bt / S, t = bt % S;
+    const T* x = conv_in + ((size_t)bi * L + t) * C;   // row t of the conv window: tokens t .. t + K - 1
+    for (int u = warp; u < UNITS; u += warps) {
+        const bool is_v = u >= 2 * Hk;
+        const int D = is_v ? Dv : Dk, base = is_v ? 2 * Hk * Dk + (u - 2 * Hk) * Dv : u * Dk;
+        float y[MAXR], ss = 0.f;
+        #pragma unroll
+        for (int r = 0; r < MAXR; ++r) {
+            if (r * 32 >= D) break;
+            const int ch = base + r * 32 + lane;
+            float acc = static_cast<float>(static_cast<CT>(static_cast<float>(x[ch]) * static_cast<float>(conv_w[ch * K])));
+            #pragma unroll
+            for (int w = 1; w < K; ++w) {
+                const float term = static_cast<float>(static_cast<CT>(static_cast<float>(x[(size_t)w * C + ch]) * static_cast<float>(conv_w[ch * K + w])));
+                acc = static_cast<float>(static_cast<CT>(acc + term));
+            }
+            const float sig = static_cast<float>(static_cast<CT>(1.f / (1.f + expf(-acc))));
+            y[r] = static_cast<float>(static_cast<CT>(acc * sig));
+            ss += y[r] * y[r];
+        }
+        if (is_v) {
+            const size_t row = ((size_t)bt * Hv + (u - 2 * Hk)) * Dv;
+            #pragma unroll
+            for (int r = 0; r < MAXR; ++r) if (r * 32 < Dv) v_out[row + r * 32 + lane] = static_cast<CT>(y[r]);
+            continue;
+        }
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+        const float inv = rsqrtf(ss + 1e-6f);
+        const bool is_q = u < Hk;
+        const float qscale = static_cast<float>(1.0 / sqrt(static_cast<double>(Dk)));  // as Python's Dk**-0.5
+        float* dst = (is_q ? q_out : k_out) + ((size_t)bt * Hk + (is_q ? u : u - Hk)) * Dk;
+        #pragma unroll
+        for (int r = 0; r < MAXR; ++r)
+            if (r * 32 < Dk) dst[r * 32 + lane] = is_q ? y[r] * inv * qscale : y[r] * inv;
+    }
+    for (int h = tid; h < Hv; h += blockDim.x) {
+        const float av = static_cast<float>(a[(size_t)bt * Hv + h]) + static_cast<float>(dt_bias[h]);
+        const float softplus = fmaxf(av, 0.f) + log1pf(expf(-fabsf(av)));
+        g_out[(size_t)bt * Hv + h] = -expf(static_cast<float>(A_log[h])) * softplus;
+        beta_out[(size_t)bt * Hv + h] = 1.f / (1.f + expf(-static_cast<float>(b[(size_t)bt * Hv + h])));
+    }
+"""
+
+
+def prep_usable(layer) -> bool:
+    """Whole warps of channels per head."""
+    return layer.Dk % 32 == 0 and layer.Dv % 32 == 0 and layer.Dk <= 256 and layer.Dv <= 256
+
+
+def prep(layer, conv_in, b, a):
+    """GatedDeltaNet.recurrence_inputs of `layer` in one kernel: conv_in [B, kernel-1+S, C], b and a [B, S, Hv]
+    -> q, k [B, S, Hk, Dk] float32 (normalized, q scaled), v [B, S, Hv, Dv] in the conv's dtype, g and beta
+    [B, S, Hv] float32."""
+    kernel = cuda_kernel("gdn_prep", ["conv_in", "b", "a", "conv_w", "A_log", "dt_bias"],
+                         ["q_out", "k_out", "v_out", "g_out", "beta_out"], PREP_SOURCE)
+    B, S, _ = b.shape
+    Hk, Hv, Dk, Dv = layer.Hk, layer.Hv, layer.Dk, layer.Dv
+    ct = _promote(conv_in.dtype, layer.conv1d.weight.dtype)
+    f32 = mx.float32
+    return kernel(
+        inputs=[conv_in, b, a, layer.conv1d.weight, layer.A_log, layer.dt_bias],
+        template=[("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", layer.kernel), ("T", conv_in.dtype),
+                  ("CT", ct)],
+        grid=(256 * B * S, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(B, S, Hk, Dk), (B, S, Hk, Dk), (B, S, Hv, Dv), (B, S, Hv), (B, S, Hv)],
+        output_dtypes=[f32, f32, ct, f32, f32],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The chunk-parallel GDN of a prefill (gdn.gdn_chunked's algorithm) in two launches.
 #
 # As MLX operations the chunked form is ~200 small kernels a layer (the UT transform's doubling steps, then a
