@@ -235,7 +235,7 @@ def check_grouped():
             want = (h[rows].astype(mx.float32)[:, None, :] @ w[idx[rows]].astype(mx.float32).swapaxes(-1, -2)).squeeze(1)
             mlx_err = rel_err(mlx()[rows], want)
             t_m = timed(mlx, 10)
-            variants = [(False, nt) for nt in (2, 4)] + ([(True, nt) for nt in (2, 4)] if name == "gate_up" else [])
+            variants = [(False, nt) for nt in (2, 4, 8)] + ([(True, nt) for nt in (2, 4, 8)] if name == "gate_up" else [])
             for swiglu, nt in variants:
                 expected, mlx_ms = want, t_m
                 if swiglu:

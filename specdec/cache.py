@@ -23,8 +23,9 @@ from .models.gdn import replay_masked
 
 COMMIT_METHODS = ("replay", "states")
 # Measured on an H100 (8-layer Qwen3.5-35B-A3B bench, window of 5): a commit by views of the per-step states
-# adds 0.02-0.03 ms to a round (prepared during the verify), replay 0.5 ms. "states" holds S fp32 states per GDN layer while a window is open
-# (2 MiB per token per layer at Qwen3.5 size), replay 5.5x less: the choice for tight memory.
+# adds 0.01-0.03 ms to a round (prepared during the verify), replay 0.1-0.5 ms. "states" holds S fp32 states per
+# GDN layer while a window is open (2 MiB per token per layer at Qwen3.5 size), replay 5.5x less: the choice for
+# tight memory.
 DEFAULT_COMMIT_METHOD = "states"
 
 

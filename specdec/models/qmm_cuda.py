@@ -15,7 +15,8 @@ K between warps (KSPLIT) when a matrix has too few rows to fill the GPU, and add
 The grouped product (rows sorted by expert, a prefill's thousands) multiplies many more tokens per weight, so
 there the A fragments are the dequantized weights themselves (scale * code + bias, one bfloat16 rounding, as
 MLX's dequantize) and one accumulator runs over all of K: each weight is dequantized once per tile of tokens,
-not once per 8 tokens, and no sum of x is needed.
+not once per 8 tokens, and no sum of x is needed. A block's weights and tile of x pass through shared memory,
+loaded with cp.async a quantization group ahead of the tensor cores.
 """
 
 import mlx.core as mx
@@ -152,73 +153,101 @@ SOURCE = """
     }
 """
 
-# The grouped product: block (x, z) multiplies tile z of up to 8 * NT sorted rows (all of one expert) with 8 warps'
-# worth of that expert's output columns. Row i reads x[x_rows[i]] (GATHER) and writes out[out_rows[i]] (SCATTER).
-# SWIGLU: the matrix is [gate; up] (2I rows) and the output is silu(x . gate) * (x . up) [P, I]: a warp's A rows
-# are 8 gate rows and the 8 up rows of the same columns, so both halves of a product land in the same lane.
+# The grouped product: block (x, z) multiplies tile z of up to 8 * NT sorted rows (all of one expert) with 128 A
+# rows of that expert's matrix (8 warps of 16). Row i reads x[x_rows[i]] (GATHER) and writes out[out_rows[i]]
+# (SCATTER). SWIGLU: the matrix is [gate; up] (2I rows) and the output is silu(x . gate) * (x . up) [P, I]: a
+# warp's A rows are 8 gate rows and the 8 up rows of the same columns, so both halves of a product land in the
+# same lane. The block's weights and x tile go through shared memory one quantization group at a time, STAGES
+# groups in flight (cp.async): loads from one warp would wait on memory between every group.
 GROUPED_SOURCE = """
-    constexpr int WARPS = 8, GROUPS = K / GS;
-    constexpr int WPT = GS * BITS / 128, WPR = K * BITS / 32, XPT = GS / 4;  // as in the token kernel
-    constexpr int COLS = SWIGLU ? 8 : 16;               // output columns per warp
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    constexpr int WARPS = 8, ROWS = 16 * WARPS, GROUPS = K / GS, TOK = 8 * NT;
+    constexpr int WPT = GS * BITS / 128, WPG = 4 * WPT, XPT = GS / 4;  // as in the token kernel; WPG: words a row a group
+    constexpr int CH = WPG / 4, XS = GS + 8;            // 16-byte chunks of a row's group; x row stride (padded)
+    constexpr int STAGE_WORDS = ROWS * WPG + TOK * XS / 2;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int N = w_shape[1], OUT = SWIGLU ? N / 2 : N, E = tile_end_shape[0], z = blockIdx.y;
     if (z >= tile_end[E - 1]) return;                   // past the last tile (the grid is an upper bound)
     int lo = 0, hi = E - 1;                             // the expert whose tiles include z
     while (lo < hi) { const int mid = (lo + hi) / 2; if (tile_end[mid] > z) hi = mid; else lo = mid + 1; }
     const int e = lo, first = e == 0 ? 0 : tile_end[e - 1];
-    const int t0 = start[e] + (z - first) * 8 * NT, t1 = min(t0 + 8 * NT, start[e] + count[e]);
-    const int f0 = (blockIdx.x * WARPS + warp) * COLS;
-    if (f0 >= OUT) return;
-    const int ra = min(f0 + gid, OUT - 1), rb = SWIGLU ? ra + OUT : min(f0 + gid + 8, N - 1);  // past the end: read, not written
-    const size_t r0 = (size_t)e * N + ra, r1 = (size_t)e * N + rb;
-    const uint32_t* w0 = reinterpret_cast<const uint32_t*>(w) + r0 * WPR + tig * WPT;
-    const uint32_t* w1 = reinterpret_cast<const uint32_t*>(w) + r1 * WPR + tig * WPT;
-    const T* xp[NT];
-    bool live[NT];
+    const int t0 = start[e] + (z - first) * TOK, t1 = min(t0 + TOK, start[e] + count[e]);
+    const int c0 = blockIdx.x * (SWIGLU ? ROWS / 2 : ROWS);   // the block's first output column
+    if (c0 >= OUT) return;
+
+    extern __shared__ __align__(16) uint32_t smem[];               // STAGES x [weights ROWS x WPG | x TOK x XS], scales, biases
+    __nv_bfloat16* sc = reinterpret_cast<__nv_bfloat16*>(smem + STAGES * STAGE_WORDS);
+    __nv_bfloat16* bs = sc + ROWS * GROUPS;
+    // smem row j <- the expert's matrix row: SWIGLU: gate rows c0.. then up rows; past the end: read, not written
+    auto row_of = [&](int j) -> size_t {
+        const int r = SWIGLU ? (j < ROWS / 2 ? min(c0 + j, OUT - 1) : OUT + min(c0 + j - ROWS / 2, OUT - 1))
+                             : min(c0 + j, N - 1);
+        return (size_t)e * N + r;
+    };
+    for (int i = tid; i < ROWS * GROUPS; i += blockDim.x) {
+        const size_t src = row_of(i / GROUPS) * GROUPS + i % GROUPS;
+        sc[i] = scales[src];
+        bs[i] = biases[src];
+    }
+    const uint32_t* wq = reinterpret_cast<const uint32_t*>(w);
+    auto load_stage = [&](int g) {
+        uint32_t* st = smem + (g % STAGES) * STAGE_WORDS;
+        for (int c = tid; c < ROWS * CH; c += blockDim.x) {
+            const uint32_t* src = wq + row_of(c / CH) * (K * BITS / 32) + g * WPG + (c % CH) * 4;
+            const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(st + (c / CH) * WPG + (c % CH) * 4));
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src));
+        }
+        uint32_t* xs = st + ROWS * WPG;
+        for (int c = tid; c < TOK * (GS / 8); c += blockDim.x) {
+            const int n = c / (GS / 8), part = c % (GS / 8), row = min(t0 + n, t1 - 1);
+            const T* src = x + (GATHER ? static_cast<size_t>(x_rows[row]) : static_cast<size_t>(row)) * K + g * GS + part * 8;
+            const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(xs + (n * XS + part * 8) / 2));
+            const int bytes = t0 + n < t1 ? 16 : 0;    // rows past the tile read as zeros
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes));
+        }
+    };
     #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int n = min(t0 + nt * 8 + gid, t1 - 1);
-        live[nt] = t0 + nt * 8 + gid < t1;
-        xp[nt] = x + (GATHER ? static_cast<size_t>(x_rows[n]) : static_cast<size_t>(n)) * K + tig * XPT;
+    for (int g = 0; g < STAGES - 1; ++g) {
+        if (g < GROUPS) load_stage(g);
+        asm volatile("cp.async.commit_group;");
     }
 
+    // this warp's A rows in the block: SWIGLU gate row / up row, else rows 16 w + gid and + 8
+    const int a0 = SWIGLU ? warp * 8 + gid : warp * 16 + gid, a1 = SWIGLU ? ROWS / 2 + a0 : a0 + 8;
     float acc[NT][4];
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 
-    #pragma unroll 2
     for (int g = 0; g < GROUPS; ++g) {
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2));
+        __syncthreads();                                // group g is in; every warp is done with group g - 1
+        if (g + STAGES - 1 < GROUPS) load_stage(g + STAGES - 1);
+        asm volatile("cp.async.commit_group;");
+        const uint32_t* st = smem + (g % STAGES) * STAGE_WORDS;
         uint32_t q0[WPT], q1[WPT];
         #pragma unroll
-        for (int i = 0; i < WPT; ++i) { q0[i] = w0[g * 4 * WPT + i]; q1[i] = w1[g * 4 * WPT + i]; }
-        const __nv_bfloat162 s0 = __float2bfloat162_rn(static_cast<float>(scales[r0 * GROUPS + g]));
-        const __nv_bfloat162 s1 = __float2bfloat162_rn(static_cast<float>(scales[r1 * GROUPS + g]));
-        const __nv_bfloat162 c0 = __float2bfloat162_rn(static_cast<float>(biases[r0 * GROUPS + g]));
-        const __nv_bfloat162 c1 = __float2bfloat162_rn(static_cast<float>(biases[r1 * GROUPS + g]));
-        uint4 xv[NT][XPT / 8];
-        #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-            #pragma unroll
-            for (int i = 0; i < XPT / 8; ++i)
-                xv[nt][i] = live[nt] ? reinterpret_cast<const uint4*>(xp[nt] + g * GS)[i] : make_uint4(0, 0, 0, 0);
+        for (int i = 0; i < WPT; ++i) { q0[i] = st[a0 * WPG + tig * WPT + i]; q1[i] = st[a1 * WPG + tig * WPT + i]; }
+        const __nv_bfloat162 s0 = __bfloat162bfloat162(sc[a0 * GROUPS + g]), s1 = __bfloat162bfloat162(sc[a1 * GROUPS + g]);
+        const __nv_bfloat162 b0 = __bfloat162bfloat162(bs[a0 * GROUPS + g]), b1 = __bfloat162bfloat162(bs[a1 * GROUPS + g]);
+        const T* xs = reinterpret_cast<const T*>(st + ROWS * WPG);
         #pragma unroll
         for (int step = 0; step < GS / 16; ++step) {
             __nv_bfloat162 lo0, hi0, lo1, hi1;
             code_pairs<BITS>(q0, step, lo0, hi0);
             code_pairs<BITS>(q1, step, lo1, hi1);
             // the weights themselves, scale * code + bias, rounded once to bfloat16
-            const uint32_t a[4] = {bits_of(__hfma2(lo0, s0, c0)), bits_of(__hfma2(lo1, s1, c1)),
-                                   bits_of(__hfma2(hi0, s0, c0)), bits_of(__hfma2(hi1, s1, c1))};
+            const uint32_t a[4] = {bits_of(__hfma2(lo0, s0, b0)), bits_of(__hfma2(lo1, s1, b1)),
+                                   bits_of(__hfma2(hi0, s0, b0)), bits_of(__hfma2(hi1, s1, b1))};
             #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {  // each weight serves every 8-token tile
                 uint32_t b[2];
-                x_pairs<BITS>(xv[nt], step, b);
+                x_pairs<BITS>(reinterpret_cast<const uint4*>(xs + (nt * 8 + gid) * XS + tig * XPT), step, b);
                 mma_bf16(acc[nt], a, b);
             }
         }
     }
-    // acc[nt][0..1]: A row gid, tokens nt*8 + 2 tig + {0, 1}; acc[nt][2..3]: A row gid + 8, same tokens
+    // acc[nt][0..1]: A row a0, tokens nt*8 + 2 tig + {0, 1}; acc[nt][2..3]: A row a1, same tokens
+    const int f = c0 + (SWIGLU ? a0 : warp * 16 + gid);  // output column of acc[nt][0..1] (and + 8: [2..3])
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         #pragma unroll
@@ -229,10 +258,10 @@ GROUPED_SOURCE = """
             if (SWIGLU) {  // gate and up rounded as the unfused products would be
                 const float gate = static_cast<float>(static_cast<T>(acc[nt][c]));
                 const float up = static_cast<float>(static_cast<T>(acc[nt][2 + c]));
-                if (f0 + gid < OUT) out[row * OUT + f0 + gid] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
+                if (f < OUT) out[row * OUT + f] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
             } else {
-                if (f0 + gid < N) out[row * N + f0 + gid] = static_cast<T>(acc[nt][c]);
-                if (f0 + gid + 8 < N) out[row * N + f0 + gid + 8] = static_cast<T>(acc[nt][2 + c]);
+                if (f < N) out[row * N + f] = static_cast<T>(acc[nt][c]);
+                if (f + 8 < N) out[row * N + f + 8] = static_cast<T>(acc[nt][2 + c]);
             }
         }
     }
@@ -248,10 +277,11 @@ LARGE_BYTES = 32 * 2**20
 MEDIUM_BYTES = 6 * 2**20
 TARGET_BLOCKS = 264  # two blocks per SM of an H100: split K until a matrix has this many
 
-def _get_kernel(grouped=False):
+def _get_kernel(grouped=False, shared_memory=0):
     if grouped:
         return cuda_kernel("qmm_grouped", ["x", "w", "scales", "biases", "tile_end", "start", "count", "x_rows",
-                                           "out_rows"], ["out"], GROUPED_SOURCE, header=HEADER)
+                                           "out_rows"], ["out"], GROUPED_SOURCE, header=HEADER,
+                           shared_memory=shared_memory)
     return cuda_kernel("qmm_tokens", ["x", "w", "scales", "biases"], ["out"], SOURCE, header=HEADER)
 
 
@@ -313,9 +343,11 @@ def expert_tiles(indices, num_experts: int, tile: int = None):
 
 
 # Rows of x per block in the grouped product (four 8-token mma tiles). On an H100, Qwen3.5-35B-A3B shapes, a
-# 1024-token prefill's 8192 rows (top-8): gate/up with the SwiGLU 0.60-0.63 ms against 0.66-0.72 in 16-row
-# tiles; down 0.40-0.47 ms either way. MLX's sorted gather_qmm takes 7.0 and 3.8 ms for them.
+# 1024-token prefill's 8192 rows (top-8): gate/up with the SwiGLU 0.51-0.61 ms against 0.57-0.78 in 16-row
+# tiles and 0.56-0.65 in 64-row ones; down 0.32-0.42 ms against 0.38-0.53 and 0.36-0.46. MLX's sorted
+# gather_qmm takes 7.0 and 3.8 ms for them. (Before the shared-memory stages: 0.63 and 0.42 ms.)
 GROUP_TILE = 32
+GROUP_STAGES = 2  # quantization groups in flight per block of the grouped product (2, 3, 4: alike on an H100)
 # Below this many rows MLX's sorted gather_qmm is as fast (it took 0.12-0.15 ms for 40 rows against 0.17-0.2 here).
 GROUPED_MIN_ROWS = 256
 
@@ -334,11 +366,15 @@ def grouped_matmul(layer, x, indices, tiles=None, nt=None, x_rows=None, out_rows
     tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E, 8 * nt)
     unused = tile_end  # an input the kernel does not read
     cols_per_block = 8 * (8 if swiglu else 16)
-    (out,) = _get_kernel(grouped=True)(
+    groups, stages = K // layer.group_size, GROUP_STAGES
+    stage_bytes = 128 * layer.group_size * layer.bits // 8 + 8 * nt * (layer.group_size + 8) * 2
+    smem = stages * stage_bytes + 2 * 128 * groups * 2
+    (out,) = _get_kernel(grouped=True, shared_memory=smem)(
         inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count,
                 unused if x_rows is None else x_rows, unused if out_rows is None else out_rows],
         template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", nt), ("T", x.dtype),
-                  ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None), ("SWIGLU", swiglu)],
+                  ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None), ("SWIGLU", swiglu),
+                  ("STAGES", stages)],
         grid=(-(-out_cols // cols_per_block) * 256, -(-P // (8 * nt)) + E, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(P, out_cols)],
