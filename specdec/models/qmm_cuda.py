@@ -175,7 +175,7 @@ GROUPED_SOURCE = """
     const int c0 = blockIdx.x * (SWIGLU ? ROWS / 2 : ROWS);   // the block's first output column
     if (c0 >= OUT) return;
 
-    extern __shared__ __align__(16) uint32_t smem[];               // STAGES x [weights ROWS x WPG | x TOK x XS], scales, biases
+    extern __shared__ __align__(16) uint32_t smem[];  // STAGES x [weights ROWS x WPG | x TOK x XS], scales, biases
     __nv_bfloat16* sc = reinterpret_cast<__nv_bfloat16*>(smem + STAGES * STAGE_WORDS);
     __nv_bfloat16* bs = sc + ROWS * GROUPS;
     // smem row j <- the expert's matrix row: SWIGLU: gate rows c0.. then up rows; past the end: read, not written
@@ -247,7 +247,7 @@ GROUPED_SOURCE = """
         }
     }
     // acc[nt][0..1]: A row a0, tokens nt*8 + 2 tig + {0, 1}; acc[nt][2..3]: A row a1, same tokens
-    const int f = c0 + (SWIGLU ? a0 : warp * 16 + gid);  // output column of acc[nt][0..1] (and + 8: [2..3])
+    const int f = c0 + a0;  // output column of acc[nt][0..1] (and, without SWIGLU, + 8: [2..3])
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         #pragma unroll
