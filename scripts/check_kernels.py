@@ -91,7 +91,7 @@ def check_mixer():
     layer = build_target(cfg, 16).model.layers[0].linear_attn  # random weights as the bench makes them, bf16
     print(f"{'fused mixer':<28}{'state err':>12}{'out/tape err':>13}{'fused ms':>10}{'ops ms':>9}")
     worst = worst_out = 0.0
-    for S in (1, 2, 5, 9, 16):
+    for S in (1, 2, 5, 9, 16, 20, 32):  # 20 and 32 span chunks of the window
         ks = mx.random.split(mx.random.key(100 + S), 3)
         x = mx.random.normal((1, S, cfg.hidden_size), key=ks[0]).astype(mx.bfloat16)
         carried = mx.random.normal((1, layer.kernel - 1, layer.conv_dim), key=ks[1]).astype(mx.bfloat16)
@@ -218,13 +218,13 @@ def check_qmm():
 
 def check_grouped():
     """The grouped product (rows sorted by expert) against float32 arithmetic and MLX's sorted gather_qmm, on the
-    bench model's experts: 5 tokens x top-8 (a verify window) and a 1024-token prefill chunk; gate_up also
-    with the SwiGLU folded in (its MLX time then includes MLX's SwiGLU)."""
+    bench model's experts: 5 and 16 tokens x top-8 (verify windows) and a 1024-token prefill chunk, in several
+    (tile, stages) shapes; gate_up also with the SwiGLU folded in (its MLX time then includes MLX's SwiGLU)."""
     block = build_target(arch_config("qwen3.5-35b-a3b", 1), 4).model.layers[0].mlp
     ok = True
     for layer, name in ((block.experts.gate_up, "gate_up"), (block.experts.down, "down")):
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, 64, 4)
-        for tokens in (5, 1024):
+        for tokens in (5, 16, 1024):
             K = w.shape[-1]
             x = mx.random.normal((tokens, K), key=mx.random.key(tokens)).astype(mx.bfloat16)
             idx = mx.sort(mx.argpartition(mx.random.normal((tokens, w.shape[0])), kth=-8, axis=-1)[:, -8:].flatten())
@@ -235,18 +235,19 @@ def check_grouped():
             want = (h[rows].astype(mx.float32)[:, None, :] @ w[idx[rows]].astype(mx.float32).swapaxes(-1, -2)).squeeze(1)
             mlx_err = rel_err(mlx()[rows], want)
             t_m = timed(mlx, 10)
-            variants = [(False, nt) for nt in (2, 4, 8)] + ([(True, nt) for nt in (2, 4, 8)] if name == "gate_up" else [])
-            for swiglu, nt in variants:
+            shapes = ((8, 4), (16, 4), (32, 2), (64, 2))  # (tile, stages)
+            variants = [(False, sh) for sh in shapes] + ([(True, sh) for sh in shapes] if name == "gate_up" else [])
+            for swiglu, shape in variants:
                 expected, mlx_ms = want, t_m
                 if swiglu:
                     gate, up = mx.split(want, 2, axis=-1)
                     expected = gate * mx.sigmoid(gate) * up
                     mlx_ms = timed(lambda: (lambda g, u: g * mx.sigmoid(g) * u)(*mx.split(mlx(), 2, axis=-1)), 10)
-                run = lambda: qmm_cuda.grouped_matmul(layer, h, idx, nt=nt, swiglu=swiglu)
+                run = lambda: qmm_cuda.grouped_matmul(layer, h, idx, swiglu=swiglu, shape=shape)
                 err = rel_err(run()[rows], expected)
                 ok = ok and err <= 1e-2
                 t_g = timed(run, 10)
-                label = f"grouped {name}{' SwiGLU' if swiglu else ''} (tiles of {8 * nt})"
+                label = f"grouped {name}{' SwiGLU' if swiglu else ''} {shape}"
                 print(f"{label:<28}{idx.size:>6}{err:>9.1e}{mlx_err:>9.1e}{t_g:>9.3f}{mlx_ms:>8.3f}{mlx_ms / t_g:>7.2f}")
         del w
     return ok

@@ -105,7 +105,7 @@ def test_kernel_paths_keep_speculation_lossless(tiny, monkeypatch):
         return y if residual is None else residual + y
 
     monkeypatch.setattr(kernels, "ready", lambda name: name in ("gdn_mixer", "moe"))
-    monkeypatch.setattr(gdn_cuda, "mixer_usable", lambda layer: True)  # the real kernel needs Dv >= 24
+    monkeypatch.setattr(gdn_cuda, "mixer_usable", lambda layer: True)  # the real kernel needs whole warps of columns
     monkeypatch.setattr(gdn_cuda, "mixer", mixer)
     monkeypatch.setattr(moe_cuda, "usable", lambda layer, x: True)  # the real kernels need quantized bf16 weights
     monkeypatch.setattr(moe_cuda, "moe", moe)

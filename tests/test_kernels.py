@@ -95,14 +95,14 @@ def quantized(rows, cols, bits=4):
 
 
 @pytest.mark.parametrize("rows, cols, tokens, used", [
-    (248320, 2048, 1, True),    # the output head: faster here at 1 to 8 tokens
-    (248320, 2048, 8, True),
-    (248320, 2048, 9, False),
-    (12352, 2048, 1, False),    # a GDN input projection: MLX reads it once at 1 token
-    (12352, 2048, 2, True),     # ... and once per token at 2 to 7
-    (12352, 2048, 7, True),
-    (12352, 2048, 8, False),
-    (512, 2048, 5, False),      # small matrices are launch-bound: MLX launches faster
+    (248320, 2048, 1, True),    # the output head: faster here from 1 token on
+    (248320, 2048, 16, True),
+    (248320, 2048, 17, False),  # past the kernel's two 8-token tiles
+    (12352, 2048, 1, False),    # a GDN input projection: MLX's qmv reads it once at 1 token
+    (12352, 2048, 2, True),     # ... and once per token from 2; its tiled kernels are slower from 8
+    (12352, 2048, 16, True),
+    (512, 2048, 1, False),
+    (512, 2048, 5, True),
 ])
 def test_tensor_core_matmul_takes_the_products_it_speeds_up(rows, cols, tokens, used):
     layer = Linear(cols, rows, bias=False)  # unevaluated weights: only shapes are read
@@ -160,8 +160,15 @@ def test_expert_tiles_cover_each_experts_rows_in_whole_tiles():
     assert start.tolist() == [0, 3, 20, 20, 60, 61]
     assert tile_end.tolist() == [1, 3, 3, 6, 7, 7]  # 1 + 2 + 0 + 3 + 1 tiles; the grid's bound covers them
     assert tile_end[-1].item() <= -(-idx.size // 16) + 6
-    default = qmm_cuda.expert_tiles(idx, 6)[0]  # the grouped product's own tile size
-    assert default.tolist() == qmm_cuda.expert_tiles(idx, 6, qmm_cuda.GROUP_TILE)[0].tolist()
+    default = qmm_cuda.expert_tiles(idx, 6)[0]  # the grouped product's own tile size for 61 rows
+    assert default.tolist() == qmm_cuda.expert_tiles(idx, 6, qmm_cuda.group_shape(idx.size)[0])[0].tolist()
+
+
+def test_grouped_product_shape_follows_its_rows():
+    """A verify window's rows (tens) stream weights: small tiles, more stages; a prefill's fill the tensor cores."""
+    assert qmm_cuda.group_shape(128) == (qmm_cuda.SMALL_TILE, qmm_cuda.SMALL_STAGES)
+    assert qmm_cuda.group_shape(8192) == (qmm_cuda.GROUP_TILE, qmm_cuda.GROUP_STAGES)
+    assert qmm_cuda.SMALL_TILE < qmm_cuda.GROUP_TILE
 
 
 def test_long_inputs_go_to_the_chunk_kernels_with_their_contract(monkeypatch):

@@ -223,7 +223,7 @@ class Experts(nn.Module):
         flat = indices.flatten()
         order = mx.argsort(flat)
         idx = flat[order]
-        if self.grouped_kernel_ready(x, indices.size):  # reads x through the order and writes back through it
+        if self.grouped_kernel_ready(x):  # reads x through the order and writes back through it
             tiles = qmm_cuda.expert_tiles(idx, self.gate_up.weight.shape[0])
             h = qmm_cuda.grouped_matmul(self.gate_up, x, idx, tiles, x_rows=order // k, swiglu=True)
             y = qmm_cuda.grouped_matmul(self.down, h, idx, tiles, out_rows=order)
@@ -233,10 +233,11 @@ class Experts(nn.Module):
         y = matmul(self.down, nn.silu(gate) * up)
         return y[mx.argsort(order)].reshape(N, k, -1)
 
-    def grouped_kernel_ready(self, x, rows: int) -> bool:
-        """On CUDA, quantized experts multiply many sorted rows (a prefill's) with qmm_cuda.grouped_matmul."""
-        return (rows >= qmm_cuda.GROUPED_MIN_ROWS and isinstance(self.gate_up, QuantizedExpertLinear)
-                and qmm_cuda.formats_ok(self.gate_up, x) and qmm_cuda.formats_ok(self.down, x) and kernels.ready("qmm"))
+    def grouped_kernel_ready(self, x) -> bool:
+        """On CUDA, quantized experts multiply sorted rows (a prefill's, a long verify window's) with
+        qmm_cuda.grouped_matmul."""
+        return (isinstance(self.gate_up, QuantizedExpertLinear) and qmm_cuda.formats_ok(self.gate_up, x)
+                and qmm_cuda.formats_ok(self.down, x) and kernels.ready("qmm"))
 
 
 class SparseMoE(nn.Module):
@@ -337,13 +338,15 @@ def _qmm_self_check() -> bool:
     w = mx.dequantize(experts.weight, experts.scales, experts.biases, 64, 4).astype(mx.float32)
     want = (x.astype(mx.float32)[:, None, :] @ w[idx].swapaxes(-1, -2)).squeeze(1)
     got = qmm_cuda.grouped_matmul(experts, x, idx)
+    prefill_shape = qmm_cuda.grouped_matmul(experts, x, idx, shape=qmm_cuda.group_shape(qmm_cuda.SMALL_ROWS))
     # the same rows read from a shuffled x and written to shuffled places
     shuffle = mx.random.permutation(idx.size, key=next(keys)).astype(mx.uint32)
     spread = mx.zeros_like(x).at[shuffle].add(x)  # spread[shuffle[i]] = x[i]
     moved = qmm_cuda.grouped_matmul(experts, spread, idx, x_rows=shuffle, out_rows=shuffle)[shuffle]
     gate, up = mx.split(want, 2, axis=-1)
     fused = qmm_cuda.grouped_matmul(experts, x, idx, swiglu=True)
-    for name, found, expected in (("grouped", got, want), ("grouped, rows through indices", moved, want),
+    for name, found, expected in (("grouped", got, want), ("grouped, a prefill's tiles", prefill_shape, want),
+                                  ("grouped, rows through indices", moved, want),
                                   ("grouped SwiGLU", fused, gate * mx.sigmoid(gate) * up)):
         if not kernels.close(found, expected, 1e-2):
             raise ValueError(f"{name}: max error {mx.abs(found.astype(mx.float32) - expected).max().item():.3g}")

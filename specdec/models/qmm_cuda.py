@@ -267,14 +267,16 @@ GROUPED_SOURCE = """
     }
 """
 
-MAX_TOKENS = 8  # the kernel takes up to 16 (two 8-token tiles); past 8 MLX is as fast or faster
-# Where the kernel beats MLX's own (measured on an H100 by scripts/check_kernels.py, per product): MLX reads a
-# matrix once per token for 2 to 7 tokens, so there any matrix past a few MB is faster here (12 MB: 1.6x at 2
-# tokens, 3.1x at 5); at 1 and 8+ tokens MLX reads it once too, and only the output head (250 MB) is faster
-# here (1.7x at 1 token, 1.25x at 8, 0.8x at 16). Small matrices are launch-bound, and MLX launches faster.
-# A prefill's dense products (1024 tokens) stay with MLX's tiled kernel: 0.6x of its speed here.
+# Which products run here (measured on an H100, 8-layer Qwen3.5-35B-A3B bench, whole compiled steps):
+# - 2 to MAX_TOKENS tokens, every matrix. MLX reads a matrix once per token for 2 to 7 tokens, and from 8 on it
+#   switches to tiled kernels (qmm_sm80, qmm_naive) that are slow at so few rows. Verify steps of 12 / 16 tokens
+#   took 3.6 / 3.9 ms against 4.8 / 4.9 with only the large matrices here (as before: >= 6 MB at 2-7 tokens,
+#   the head at 1-8).
+# - 1 token, only the output head (1.7x faster here): MLX's qmv reads the others once as well, and a whole decode
+#   step was no faster with them here (2.19 against 2.15 ms, within the noise).
+# A prefill's dense products (hundreds of tokens) multiply the dequantized matrix instead (QuantizedLinear).
+MAX_TOKENS = 16  # the kernel's limit: two 8-token tiles
 LARGE_BYTES = 32 * 2**20
-MEDIUM_BYTES = 6 * 2**20
 TARGET_BLOCKS = 264  # two blocks per SM of an H100: split K until a matrix has this many
 
 def _get_kernel(grouped=False, shared_memory=0):
@@ -286,13 +288,9 @@ def _get_kernel(grouped=False, shared_memory=0):
 
 
 def usable(linear, x) -> bool:
-    """`formats_ok`, and a product the kernel does faster than MLX (see LARGE_BYTES)."""
-    if not formats_ok(linear, x):
-        return False
-    tokens, size = x.size // x.shape[-1], linear.weight.size * 4
-    if size >= LARGE_BYTES:
-        return tokens <= MAX_TOKENS
-    return size >= MEDIUM_BYTES and 2 <= tokens <= min(7, MAX_TOKENS)
+    """`formats_ok`, 2 to MAX_TOKENS tokens, or 1 and a matrix of LARGE_BYTES or more (see MAX_TOKENS)."""
+    tokens = x.size // x.shape[-1]
+    return formats_ok(linear, x) and tokens <= MAX_TOKENS and (tokens > 1 or linear.weight.size * 4 >= LARGE_BYTES)
 
 
 def _k_split(rows: int, groups: int) -> int:
@@ -335,47 +333,55 @@ def formats_ok(layer, x) -> bool:
 
 def expert_tiles(indices, num_experts: int, tile: int = None):
     """For rows sorted by expert (`indices` [P], non-decreasing): (tile_end, start, count) [E] int32, the running
-    count of `tile`-row tiles, each expert's first row, and its number of rows."""
-    tile = tile or GROUP_TILE
+    count of `tile`-row tiles (by default the grouped product's for P rows), each expert's first row, and its
+    number of rows."""
+    tile = tile or group_shape(indices.shape[0])[0]
     count = mx.zeros((num_experts,), mx.int32).at[indices].add(1)
     end = mx.cumsum(count)
     return mx.cumsum((count + tile - 1) // tile), end - count, count
 
 
-# Rows of x per block in the grouped product (four 8-token mma tiles). On an H100, Qwen3.5-35B-A3B shapes, a
-# 1024-token prefill's 8192 rows (top-8): gate/up with the SwiGLU 0.51-0.61 ms against 0.57-0.78 in 16-row
-# tiles and 0.56-0.65 in 64-row ones; down 0.32-0.42 ms against 0.38-0.53 and 0.36-0.46. MLX's sorted
-# gather_qmm takes 7.0 and 3.8 ms for them. (Before the shared-memory stages: 0.63 and 0.42 ms.)
-GROUP_TILE = 32
-GROUP_STAGES = 2  # quantization groups in flight per block of the grouped product (2, 3, 4: alike on an H100)
-# Below this many rows MLX's sorted gather_qmm is as fast (it took 0.12-0.15 ms for 40 rows against 0.17-0.2 here).
-GROUPED_MIN_ROWS = 256
+# The grouped product's tile (rows of x per block) and quantization groups in flight (cp.async stages), by the
+# rows it multiplies. A prefill's thousands keep the tensor cores busy: on an H100, Qwen3.5-35B-A3B shapes, a
+# 1024-token prefill's 8192 rows (top-8): gate/up with the SwiGLU 0.51-0.61 ms in 32-row tiles against 0.57-0.78
+# in 16-row and 0.56-0.65 in 64-row ones; down 0.32-0.42 ms against 0.38-0.53 and 0.36-0.46; 2, 3 or 4 stages
+# alike. MLX's sorted gather_qmm takes 7.0 and 3.8 ms for them. A verify window's rows (9-16 tokens: 72-128)
+# spread over as many experts, a row or two each: the product only streams weights, so smaller tiles waste
+# less of each mma and more stages hide the memory latency.
+GROUP_TILE, GROUP_STAGES = 32, 2
+SMALL_TILE, SMALL_STAGES, SMALL_ROWS = 16, 4, 1024
 
 
-def grouped_matmul(layer, x, indices, tiles=None, nt=None, x_rows=None, out_rows=None, swiglu=False):
+def group_shape(rows: int) -> tuple:
+    """(tile, stages) of the grouped product for `rows` rows."""
+    return (SMALL_TILE, SMALL_STAGES) if rows < SMALL_ROWS else (GROUP_TILE, GROUP_STAGES)
+
+
+def grouped_matmul(layer, x, indices, tiles=None, x_rows=None, out_rows=None, swiglu=False, shape=None):
     """Rows sorted by expert times their expert's dequantized [N, K] matrix of a QuantizedExpertLinear's
-    [E, N, K], each expert's weights read once per 8 * nt rows. indices [P]: the expert of each row,
+    [E, N, K], each expert's weights read once per tile of rows. indices [P]: the expert of each row,
     non-decreasing. Row i reads x[x_rows[i]] (x [P, K] in that order without x_rows) and goes to out[out_rows[i]]
     (to out[i] without), out [P, N]: so a caller needs no gather into expert order or back. With `swiglu` the
-    matrix is [gate; up] and out [P, N/2] is silu(x . gate) * (x . up). MLX-CUDA's gather_qmm takes ~7 ms for a
-    1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
+    matrix is [gate; up] and out [P, N/2] is silu(x . gate) * (x . up). `tiles`: expert_tiles of the indices;
+    `shape`: (tile, stages), group_shape(P) by default. MLX-CUDA's gather_qmm takes ~7 ms for a 1024-token
+    prefill's 8192 rows (Qwen3.5-35B-A3B)."""
     P, K = indices.shape[0], x.shape[-1]
     E, N = layer.weight.shape[:2]
     out_cols = N // 2 if swiglu else N
-    nt = nt or GROUP_TILE // 8
-    tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E, 8 * nt)
+    tile, stages = shape or group_shape(P)
+    tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E, tile)
     unused = tile_end  # an input the kernel does not read
     cols_per_block = 8 * (8 if swiglu else 16)
-    groups, stages = K // layer.group_size, GROUP_STAGES
-    stage_bytes = 128 * layer.group_size * layer.bits // 8 + 8 * nt * (layer.group_size + 8) * 2
-    smem = stages * stage_bytes + 2 * 128 * groups * 2
+    gs, groups = layer.group_size, K // layer.group_size
+    # shared memory: per stage one group of the 128 weight rows and of the tile's x rows; all scales and biases
+    smem = stages * (128 * gs * layer.bits // 8 + tile * (gs + 8) * 2) + 2 * 128 * groups * 2
     (out,) = _get_kernel(grouped=True, shared_memory=smem)(
         inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count,
                 unused if x_rows is None else x_rows, unused if out_rows is None else out_rows],
-        template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", nt), ("T", x.dtype),
+        template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", tile // 8), ("T", x.dtype),
                   ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None), ("SWIGLU", swiglu),
                   ("STAGES", stages)],
-        grid=(-(-out_cols // cols_per_block) * 256, -(-P // (8 * nt)) + E, 1),
+        grid=(-(-out_cols // cols_per_block) * 256, -(-P // tile) + E, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(P, out_cols)],
         output_dtypes=[x.dtype],
