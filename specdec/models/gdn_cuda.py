@@ -134,6 +134,31 @@ def self_check(reference) -> bool:
 # Rounding follows the ops path (GatedDeltaNet.mixer_ops): the conv and silu round to CT after every
 # operation as MLX's elementwise ops do, the norms and the recurrence run in float32.
 
+# What the fused mixer and a prefill's input kernel (prep, below) compute alike, per channel and per head.
+INPUTS_HEADER = """
+// Conv + silu of one channel at one token, rounded to CT after every operation as MLX's elementwise ops do:
+// x points at the channel in the first of the K rows of the conv window (rows `stride` apart), w at its K taps.
+template <int K, typename CT, typename T, typename WT>
+__device__ inline float conv_silu(const T* x, size_t stride, const WT* w) {
+    float acc = static_cast<float>(static_cast<CT>(static_cast<float>(x[0]) * static_cast<float>(w[0])));
+    #pragma unroll
+    for (int i = 1; i < K; ++i) {
+        const float term = static_cast<float>(static_cast<CT>(static_cast<float>(x[i * stride]) * static_cast<float>(w[i])));
+        acc = static_cast<float>(static_cast<CT>(acc + term));
+    }
+    const float sig = static_cast<float>(static_cast<CT>(1.f / (1.f + expf(-acc))));
+    return static_cast<float>(static_cast<CT>(acc * sig));
+}
+
+// The gates of one (token, v-head) in float32: g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b).
+__device__ inline void gdn_gates(float a, float b, float dt_bias, float A_log, float& g, float& beta) {
+    const float av = a + dt_bias;
+    const float softplus = fmaxf(av, 0.f) + log1pf(expf(-fabsf(av)));
+    g = -expf(A_log) * softplus;
+    beta = 1.f / (1.f + expf(-b));
+}
+"""
+
 MIXER_SOURCE = """
     constexpr int R = Dk / 4;
     constexpr int C = 2 * Hk * Dk + Hv * Dv;       // conv channels: q | k | v
@@ -159,26 +184,15 @@ MIXER_SOURCE = """
         for (int u = tid; u < n * W; u += blockDim.x) {
             const int tt = u / W, c = u % W;
             const int ch = c < Dk ? kh * Dk + c : c < 2 * Dk ? Hk * Dk + kh * Dk + (c - Dk) : 2 * Hk * Dk + h * Dv + (c - 2 * Dk);
-            const T* x = conv_in + ((size_t)b * L + t0 + tt) * C + ch;
-            float acc = static_cast<float>(static_cast<CT>(static_cast<float>(x[0]) * static_cast<float>(conv_w[ch * K])));
-            #pragma unroll
-            for (int w = 1; w < K; ++w) {
-                const float term = static_cast<float>(static_cast<CT>(static_cast<float>(x[(size_t)w * C]) * static_cast<float>(conv_w[ch * K + w])));
-                acc = static_cast<float>(static_cast<CT>(acc + term));
-            }
-            const float sig = static_cast<float>(static_cast<CT>(1.f / (1.f + expf(-acc))));
-            const float y = static_cast<float>(static_cast<CT>(acc * sig));
+            const float y = conv_silu<K, CT>(conv_in + ((size_t)b * L + t0 + tt) * C + ch, C, conv_w + ch * K);
             if (c < Dk) qs[tt * KP + c + c / R] = y;
             else if (c < 2 * Dk) ks[tt * KP + (c - Dk) + (c - Dk) / R] = y;
             else vs[tt * Dv + c - 2 * Dk] = y;
         }
         if (tid < n) {  // the gates
             const size_t prow = ((size_t)b * S + t0 + tid) * P;
-            const float bv = static_cast<float>(proj[prow + BO + h]);
-            const float av = static_cast<float>(proj[prow + AO + h]) + static_cast<float>(dt_bias[h]);
-            const float softplus = fmaxf(av, 0.f) + log1pf(expf(-fabsf(av)));
-            gs[tid] = -expf(static_cast<float>(A_log[h])) * softplus;
-            betas[tid] = 1.f / (1.f + expf(-bv));
+            gdn_gates(static_cast<float>(proj[prow + AO + h]), static_cast<float>(proj[prow + BO + h]),
+                      static_cast<float>(dt_bias[h]), static_cast<float>(A_log[h]), gs[tid], betas[tid]);
         }
         __syncthreads();
         for (int u = warp; u < 2 * n; u += warps) {  // l2 norms, a warp a row: q (scaled) and k of each token
@@ -268,7 +282,8 @@ def mixer(layer, conv_in, proj, state, keep_states, keep_tape=False):
     layer.groups[0]), state [B, Hv, Dk, Dv] float32 -> (out [B, S, Hv * Dv] before out_proj, final state,
     per-step states or None, the recurrence inputs (k, v, g, beta) or None), as GatedDeltaNet.mixer_ops."""
     kernel = cuda_kernel("gdn_mixer", ["conv_in", "proj", "conv_w", "A_log", "dt_bias", "norm_w", "eps", "state_in"],
-                         ["out", "state_out", "states", "tape_k", "tape_v", "tape_g", "tape_beta"], MIXER_SOURCE)
+                         ["out", "state_out", "states", "tape_k", "tape_v", "tape_g", "tape_beta"], MIXER_SOURCE,
+                         header=INPUTS_HEADER)
     B, S, _ = proj.shape
     offsets = layer.offsets
     out_dtype = _promote(conv_in.dtype, layer.conv1d.weight.dtype)  # v's dtype after the conv
@@ -310,14 +325,7 @@ PREP_SOURCE = """
         for (int r = 0; r < MAXR; ++r) {
             if (r * 32 >= D) break;
             const int ch = base + r * 32 + lane;
-            float acc = static_cast<float>(static_cast<CT>(static_cast<float>(x[ch]) * static_cast<float>(conv_w[ch * K])));
-            #pragma unroll
-            for (int w = 1; w < K; ++w) {
-                const float term = static_cast<float>(static_cast<CT>(static_cast<float>(x[(size_t)w * C + ch]) * static_cast<float>(conv_w[ch * K + w])));
-                acc = static_cast<float>(static_cast<CT>(acc + term));
-            }
-            const float sig = static_cast<float>(static_cast<CT>(1.f / (1.f + expf(-acc))));
-            y[r] = static_cast<float>(static_cast<CT>(acc * sig));
+            y[r] = conv_silu<K, CT>(x + ch, C, conv_w + ch * K);
             ss += y[r] * y[r];
         }
         if (is_v) {
@@ -337,10 +345,9 @@ PREP_SOURCE = """
             if (r * 32 < Dk) dst[r * 32 + lane] = is_q ? y[r] * inv * qscale : y[r] * inv;
     }
     for (int h = tid; h < Hv; h += blockDim.x) {
-        const float av = static_cast<float>(a[(size_t)bt * Hv + h]) + static_cast<float>(dt_bias[h]);
-        const float softplus = fmaxf(av, 0.f) + log1pf(expf(-fabsf(av)));
-        g_out[(size_t)bt * Hv + h] = -expf(static_cast<float>(A_log[h])) * softplus;
-        beta_out[(size_t)bt * Hv + h] = 1.f / (1.f + expf(-static_cast<float>(b[(size_t)bt * Hv + h])));
+        const size_t i = (size_t)bt * Hv + h;
+        gdn_gates(static_cast<float>(a[i]), static_cast<float>(b[i]), static_cast<float>(dt_bias[h]),
+                  static_cast<float>(A_log[h]), g_out[i], beta_out[i]);
     }
 """
 
@@ -355,7 +362,7 @@ def prep(layer, conv_in, b, a):
     -> q, k [B, S, Hk, Dk] float32 (normalized, q scaled), v [B, S, Hv, Dv] in the conv's dtype, g and beta
     [B, S, Hv] float32."""
     kernel = cuda_kernel("gdn_prep", ["conv_in", "b", "a", "conv_w", "A_log", "dt_bias"],
-                         ["q_out", "k_out", "v_out", "g_out", "beta_out"], PREP_SOURCE)
+                         ["q_out", "k_out", "v_out", "g_out", "beta_out"], PREP_SOURCE, header=INPUTS_HEADER)
     B, S, _ = b.shape
     Hk, Hv, Dk, Dv = layer.Hk, layer.Hv, layer.Dk, layer.Dv
     ct = _promote(conv_in.dtype, layer.conv1d.weight.dtype)
