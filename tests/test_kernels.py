@@ -171,6 +171,28 @@ def test_grouped_product_shape_follows_its_rows():
     assert qmm_cuda.SMALL_TILE < qmm_cuda.GROUP_TILE
 
 
+def test_interleave_pairs_x_as_the_codes_pair():
+    """A 4-bit word's codes pair up as (c, c+4) and an 8-bit word's as (c, c+2): interleaved x lays each run out
+    so that a pair is adjacent, which the grouped product then reads as one word."""
+    x = mx.arange(2 * 16).reshape(2, 16)
+    assert qmm_cuda.interleave(x, 4)[0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    assert qmm_cuda.interleave(x, 8)[1].tolist() == [16, 18, 17, 19, 20, 22, 21, 23, 24, 26, 25, 27, 28, 30, 29, 31]
+
+
+def test_prefill_experts_take_interleaved_x_only_from_prefill_sizes(monkeypatch):
+    """grouped_experts interleaves x for a prefill's rows (and asks the SwiGLU product for output the down product
+    reads interleaved); a verify window's rows go in as they are."""
+    calls = []
+    monkeypatch.setattr(qmm_cuda, "grouped_matmul", lambda layer, x, *a, **kw: calls.append(kw) or x)
+    monkeypatch.setattr(qmm_cuda, "expert_tiles", lambda *a: None)
+    layer = type("Experts", (), {"bits": 4, "weight": mx.zeros((4, 8, 8))})()
+    for rows in (128, qmm_cuda.INTERLEAVE_MIN_ROWS):
+        calls.clear()
+        qmm_cuda.grouped_experts(layer, layer, mx.zeros((2, 16)), mx.zeros((rows,), mx.int32), None, None)
+        on = rows >= qmm_cuda.INTERLEAVE_MIN_ROWS
+        assert [(c["x_interleaved"], c.get("out_bits", 0)) for c in calls] == [(on, 4 if on else 0), (on, 0)]
+
+
 def test_long_inputs_go_to_the_chunk_kernels_with_their_contract(monkeypatch):
     """Where the chunk kernels may run, gdn() hands them inputs past the token loop's length with a float32 state
     (zeros for none); a stand-in computing the contract with operations gives the token loop's result."""

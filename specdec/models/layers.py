@@ -224,10 +224,7 @@ class Experts(nn.Module):
         order = mx.argsort(flat)
         idx = flat[order]
         if self.grouped_kernel_ready(x):  # reads x through the order and writes back through it
-            tiles = qmm_cuda.expert_tiles(idx, self.gate_up.weight.shape[0])
-            h = qmm_cuda.grouped_matmul(self.gate_up, x, idx, tiles, x_rows=order // k, swiglu=True)
-            y = qmm_cuda.grouped_matmul(self.down, h, idx, tiles, out_rows=order)
-            return y.reshape(N, k, -1)
+            return qmm_cuda.grouped_experts(self.gate_up, self.down, x, idx, order // k, order).reshape(N, k, -1)
         matmul = lambda layer, a: layer(a[:, None, :], idx, True).squeeze(-2)
         gate, up = mx.split(matmul(self.gate_up, x[order // k]), 2, axis=-1)
         y = matmul(self.down, nn.silu(gate) * up)
@@ -344,10 +341,17 @@ def _qmm_self_check() -> bool:
     spread = mx.zeros_like(x).at[shuffle].add(x)  # spread[shuffle[i]] = x[i]
     moved = qmm_cuda.grouped_matmul(experts, spread, idx, x_rows=shuffle, out_rows=shuffle)[shuffle]
     gate, up = mx.split(want, 2, axis=-1)
+    swiglu = gate * mx.sigmoid(gate) * up
     fused = qmm_cuda.grouped_matmul(experts, x, idx, swiglu=True)
+    # a prefill's form: x interleaved, and the SwiGLU's output interleaved for a 4-bit down product
+    prefill_form = dict(shape=qmm_cuda.group_shape(qmm_cuda.SMALL_ROWS), x_interleaved=True)
+    interleaved = qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, 4), idx, **prefill_form)
+    fused_interleaved = qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, 4), idx, swiglu=True, out_bits=4,
+                                                **prefill_form)
     for name, found, expected in (("grouped", got, want), ("grouped, a prefill's tiles", prefill_shape, want),
                                   ("grouped, rows through indices", moved, want),
-                                  ("grouped SwiGLU", fused, gate * mx.sigmoid(gate) * up)):
+                                  ("grouped SwiGLU", fused, swiglu), ("grouped, x interleaved", interleaved, want),
+                                  ("grouped SwiGLU, interleaved", fused_interleaved, qmm_cuda.interleave(swiglu, 4))):
         if not kernels.close(found, expected, 1e-2):
             raise ValueError(f"{name}: max error {mx.abs(found.astype(mx.float32) - expected).max().item():.3g}")
     return True

@@ -16,7 +16,9 @@ The grouped product (rows sorted by expert, a prefill's thousands) multiplies ma
 there the A fragments are the dequantized weights themselves (scale * code + bias, one bfloat16 rounding, as
 MLX's dequantize) and one accumulator runs over all of K: each weight is dequantized once per tile of tokens,
 not once per 8 tokens, and no sum of x is needed. A block's weights and tile of x pass through shared memory,
-loaded with cp.async a quantization group ahead of the tensor cores.
+loaded with cp.async a quantization group ahead of the tensor cores. A prefill's x comes interleaved in the
+order the codes pair up (`interleave`), so that its B registers are whole words of x, and the SwiGLU product
+writes its output interleaved the same way for the down product.
 """
 
 import mlx.core as mx
@@ -54,6 +56,22 @@ __device__ __forceinline__ void x_pairs(const uint4* xv, int step, uint32_t b[2]
     const uint32_t hi = BITS == 4 ? (first ? v.z : v.w) : (first ? v.y : v.w);
     b[0] = __byte_perm(lo, hi, 0x5410);
     b[1] = __byte_perm(lo, hi, 0x7632);
+}
+
+// x interleaved as code_pairs pairs the codes (see `interleave`): each 16-byte run of x is then the B registers
+// of two steps as they are, with no byte shuffles.
+__device__ __forceinline__ void x_words(const uint4* xv, int step, uint32_t b[2]) {
+    const uint4 v = xv[step / 2];
+    b[0] = step % 2 == 0 ? v.x : v.z;
+    b[1] = step % 2 == 0 ? v.y : v.w;
+}
+
+// Where column k of a row goes when interleaved for BITS-bit codes: runs of 8 (4 bits) or 4 (8 bits) values
+// are laid out as (0, R/2, 1, R/2 + 1, ...).
+template <int BITS>
+__device__ __forceinline__ int interleaved_column(int k) {
+    constexpr int H = BITS == 4 ? 4 : 2;
+    return k - k % (2 * H) + (k % H) * 2 + (k % (2 * H)) / H;
 }
 
 __device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 h) { return *reinterpret_cast<uint32_t*>(&h); }
@@ -179,32 +197,45 @@ GROUPED_SOURCE = """
     __nv_bfloat16* sc = reinterpret_cast<__nv_bfloat16*>(smem + STAGES * STAGE_WORDS);
     __nv_bfloat16* bs = sc + ROWS * GROUPS;
     // smem row j <- the expert's matrix row: SWIGLU: gate rows c0.. then up rows; past the end: read, not written
-    auto row_of = [&](int j) -> size_t {
-        const int r = SWIGLU ? (j < ROWS / 2 ? min(c0 + j, OUT - 1) : OUT + min(c0 + j - ROWS / 2, OUT - 1))
-                             : min(c0 + j, N - 1);
-        return (size_t)e * N + r;
+    auto row_of = [&](int j) -> int {
+        return SWIGLU ? (j < ROWS / 2 ? min(c0 + j, OUT - 1) : OUT + min(c0 + j - ROWS / 2, OUT - 1)) : min(c0 + j, N - 1);
     };
     for (int i = tid; i < ROWS * GROUPS; i += blockDim.x) {
-        const size_t src = row_of(i / GROUPS) * GROUPS + i % GROUPS;
+        const size_t src = ((size_t)e * N + row_of(i / GROUPS)) * GROUPS + i % GROUPS;
         sc[i] = scales[src];
         bs[i] = biases[src];
     }
-    const uint32_t* wq = reinterpret_cast<const uint32_t*>(w);
+    // A thread's 16-byte chunks of each stage are the same for every group: where they come from (at group 0,
+    // in words of the expert's matrix / values of x) and where they go in a stage (words), worked out once.
+    constexpr int THREADS = 32 * WARPS, W_CHUNKS = ROWS * CH, X_CHUNKS = TOK * (GS / 8);
+    constexpr int W_PER = (W_CHUNKS + THREADS - 1) / THREADS, X_PER = (X_CHUNKS + THREADS - 1) / THREADS;
+    const uint32_t* wq = reinterpret_cast<const uint32_t*>(w) + (size_t)e * N * (K * BITS / 32);
+    unsigned w_from[W_PER], w_to[W_PER], x_from[X_PER], x_to[X_PER], x_bytes[X_PER];
+    #pragma unroll
+    for (int i = 0; i < W_PER; ++i) {
+        const int c = min(tid + i * THREADS, W_CHUNKS - 1);
+        w_from[i] = row_of(c / CH) * (K * BITS / 32) + (c % CH) * 4;
+        w_to[i] = (c / CH) * WPG + (c % CH) * 4;
+    }
+    #pragma unroll
+    for (int i = 0; i < X_PER; ++i) {
+        const int c = min(tid + i * THREADS, X_CHUNKS - 1), n = c / (GS / 8), part = c % (GS / 8);
+        const int row = min(t0 + n, t1 - 1);
+        x_from[i] = (GATHER ? x_rows[row] : row) * K + part * 8;
+        x_to[i] = ROWS * WPG + (n * XS + part * 8) / 2;
+        x_bytes[i] = t0 + n < t1 ? 16 : 0;              // rows past the tile read as zeros
+    }
     auto load_stage = [&](int g) {
-        uint32_t* st = smem + (g % STAGES) * STAGE_WORDS;
-        for (int c = tid; c < ROWS * CH; c += blockDim.x) {
-            const uint32_t* src = wq + row_of(c / CH) * (K * BITS / 32) + g * WPG + (c % CH) * 4;
-            const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(st + (c / CH) * WPG + (c % CH) * 4));
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src));
-        }
-        uint32_t* xs = st + ROWS * WPG;
-        for (int c = tid; c < TOK * (GS / 8); c += blockDim.x) {
-            const int n = c / (GS / 8), part = c % (GS / 8), row = min(t0 + n, t1 - 1);
-            const T* src = x + (GATHER ? static_cast<size_t>(x_rows[row]) : static_cast<size_t>(row)) * K + g * GS + part * 8;
-            const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(xs + (n * XS + part * 8) / 2));
-            const int bytes = t0 + n < t1 ? 16 : 0;    // rows past the tile read as zeros
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes));
-        }
+        const unsigned st = static_cast<unsigned>(__cvta_generic_to_shared(smem + (g % STAGES) * STAGE_WORDS));
+        #pragma unroll
+        for (int i = 0; i < W_PER; ++i)
+            if (W_CHUNKS % THREADS == 0 || tid + i * THREADS < W_CHUNKS)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(st + 4 * w_to[i]), "l"(wq + w_from[i] + g * WPG));
+        #pragma unroll
+        for (int i = 0; i < X_PER; ++i)
+            if (X_CHUNKS % THREADS == 0 || tid + i * THREADS < X_CHUNKS)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                             :: "r"(st + 4 * x_to[i]), "l"(x + x_from[i] + g * GS), "r"(x_bytes[i]));
     };
     #pragma unroll
     for (int g = 0; g < STAGES - 1; ++g) {
@@ -241,13 +272,15 @@ GROUPED_SOURCE = """
             #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {  // each weight serves every 8-token tile
                 uint32_t b[2];
-                x_pairs<BITS>(reinterpret_cast<const uint4*>(xs + (nt * 8 + gid) * XS + tig * XPT), step, b);
+                const uint4* xv = reinterpret_cast<const uint4*>(xs + (nt * 8 + gid) * XS + tig * XPT);
+                if (X_INTERLEAVED) x_words(xv, step, b); else x_pairs<BITS>(xv, step, b);
                 mma_bf16(acc[nt], a, b);
             }
         }
     }
     // acc[nt][0..1]: A row a0, tokens nt*8 + 2 tig + {0, 1}; acc[nt][2..3]: A row a1, same tokens
     const int f = c0 + a0;  // output column of acc[nt][0..1] (and, without SWIGLU, + 8: [2..3])
+    const int fo = OUT_BITS ? interleaved_column<OUT_BITS ? OUT_BITS : 4>(f) : f;  // where it is written (SWIGLU)
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         #pragma unroll
@@ -258,7 +291,7 @@ GROUPED_SOURCE = """
             if (SWIGLU) {  // gate and up rounded as the unfused products would be
                 const float gate = static_cast<float>(static_cast<T>(acc[nt][c]));
                 const float up = static_cast<float>(static_cast<T>(acc[nt][2 + c]));
-                if (f < OUT) out[row * OUT + f] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
+                if (f < OUT) out[row * OUT + fo] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
             } else {
                 if (f < N) out[row * N + f] = static_cast<T>(acc[nt][c]);
                 if (f + 8 < N) out[row * N + f + 8] = static_cast<T>(acc[nt][2 + c]);
@@ -345,7 +378,11 @@ def expert_tiles(indices, num_experts: int, tile: int = None):
 # rows it multiplies. A prefill's thousands keep the tensor cores busy: on an H100, Qwen3.5-35B-A3B shapes, a
 # 1024-token prefill's 8192 rows (top-8): gate/up with the SwiGLU 0.51-0.61 ms in 32-row tiles against 0.57-0.78
 # in 16-row and 0.56-0.65 in 64-row ones; down 0.32-0.42 ms against 0.38-0.53 and 0.36-0.46; 2, 3 or 4 stages
-# alike. MLX's sorted gather_qmm takes 7.0 and 3.8 ms for them. A verify window's rows (9-16 tokens: 72-128)
+# alike. MLX's sorted gather_qmm takes 7.0 and 3.8 ms for them. The product is bound by instruction issue, not
+# memory (Nsight Compute: 62% of issue slots busy, the ALU pipe the busiest, ~16 instructions per mma): loads
+# worked out once per block and x interleaved (no byte shuffles per mma) took gate/up + down from 0.60 to 0.55
+# ms at 8192 rows and from 1.70 to 1.37 ms at 32768 (64-row tiles: 0.54 and 1.46, at 72 registers a thread
+# against 64, so three blocks an SM instead of four). A verify window's rows (9-16 tokens: 72-128)
 # spread over as many experts, a row or two each: the product only streams weights, so smaller tiles waste
 # less of each mma and more stages hide the memory latency.
 GROUP_TILE, GROUP_STAGES = 32, 2
@@ -357,14 +394,23 @@ def group_shape(rows: int) -> tuple:
     return (SMALL_TILE, SMALL_STAGES) if rows < SMALL_ROWS else (GROUP_TILE, GROUP_STAGES)
 
 
-def grouped_matmul(layer, x, indices, tiles=None, x_rows=None, out_rows=None, swiglu=False, shape=None):
+def interleave(x, bits: int):
+    """x [..., K] with each run of 8 (4 bits) or 4 (8 bits) values laid out as (0, R/2, 1, R/2 + 1, ...): the order
+    in which the kernels pair a quantized word's codes, so the grouped product reads its B registers as words."""
+    run = 8 if bits == 4 else 4
+    return x.reshape(*x.shape[:-1], -1, 2, run // 2).swapaxes(-1, -2).reshape(x.shape)
+
+
+def grouped_matmul(layer, x, indices, tiles=None, x_rows=None, out_rows=None, swiglu=False, shape=None,
+                   x_interleaved=False, out_bits=0):
     """Rows sorted by expert times their expert's dequantized [N, K] matrix of a QuantizedExpertLinear's
     [E, N, K], each expert's weights read once per tile of rows. indices [P]: the expert of each row,
     non-decreasing. Row i reads x[x_rows[i]] (x [P, K] in that order without x_rows) and goes to out[out_rows[i]]
     (to out[i] without), out [P, N]: so a caller needs no gather into expert order or back. With `swiglu` the
     matrix is [gate; up] and out [P, N/2] is silu(x . gate) * (x . up). `tiles`: expert_tiles of the indices;
-    `shape`: (tile, stages), group_shape(P) by default. MLX-CUDA's gather_qmm takes ~7 ms for a 1024-token
-    prefill's 8192 rows (Qwen3.5-35B-A3B)."""
+    `shape`: (tile, stages), group_shape(P) by default. `x_interleaved`: x comes `interleave`d for the layer's
+    bits; `out_bits` (with `swiglu`): the output goes out interleaved for a matrix of those bits. MLX-CUDA's
+    gather_qmm takes ~7 ms for a 1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
     P, K = indices.shape[0], x.shape[-1]
     E, N = layer.weight.shape[:2]
     out_cols = N // 2 if swiglu else N
@@ -380,10 +426,28 @@ def grouped_matmul(layer, x, indices, tiles=None, x_rows=None, out_rows=None, sw
                 unused if x_rows is None else x_rows, unused if out_rows is None else out_rows],
         template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", tile // 8), ("T", x.dtype),
                   ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None), ("SWIGLU", swiglu),
-                  ("STAGES", stages)],
+                  ("STAGES", stages), ("X_INTERLEAVED", x_interleaved), ("OUT_BITS", out_bits)],
         grid=(-(-out_cols // cols_per_block) * 256, -(-P // tile) + E, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(P, out_cols)],
         output_dtypes=[x.dtype],
     )
     return out
+
+
+# Interleaving x costs a copy of it, worth it where each of its values feeds several mma tiles' worth of weights
+# (a prefill's thousands of rows); a verify window's few rows only stream weights.
+INTERLEAVE_MIN_ROWS = SMALL_ROWS
+
+
+def grouped_experts(gate_up, down, x, indices, x_rows, out_rows):
+    """SwiGLU experts of rows sorted by expert (`indices` [P]): row i reads x[x_rows[i]] and its output goes to
+    out[out_rows[i]], out [P, H]. Two grouped products, the first with the SwiGLU folded in."""
+    P = indices.shape[0]
+    tiles = expert_tiles(indices, gate_up.weight.shape[0])
+    interleaved = P >= INTERLEAVE_MIN_ROWS
+    if interleaved:
+        x = interleave(x, gate_up.bits)
+    h = grouped_matmul(gate_up, x, indices, tiles, x_rows=x_rows, swiglu=True, x_interleaved=interleaved,
+                       out_bits=down.bits if interleaved else 0)
+    return grouped_matmul(down, h, indices, tiles, out_rows=out_rows, x_interleaved=interleaved)
