@@ -313,8 +313,8 @@ kernels.register("moe", _moe_self_check)
 
 def _qmm_self_check() -> bool:
     """The tensor-core matmul against float32 arithmetic on dequantized weights: 4- and 8-bit, 3 and 11 tokens,
-    a K split between warps (few rows) and none (many); and the grouped form, rows sorted over uneven experts,
-    plain and with the SwiGLU of gate and up."""
+    a K split between warps (few rows) and none (many); and the grouped form, 4- and 8-bit, rows sorted over
+    uneven experts, plain, with the SwiGLU of gate and up, and with x interleaved as a prefill passes it."""
     keys = iter(mx.random.split(mx.random.key(2), 16))
     for bits, rows, tokens, split in ((4, 96, 3, 1), (8, 40, 11, None), (4, 4096, 5, 2)):
         linear = Linear(1024, rows, bias=False)
@@ -327,33 +327,37 @@ def _qmm_self_check() -> bool:
             error = mx.abs(got.astype(mx.float32) - want).max().item()
             raise ValueError(f"{bits}-bit, {rows} rows, {tokens} tokens: max error {error:.3g} "
                              f"of {mx.abs(want).max().item():.3g}")
-    experts = ExpertLinear(5, 1024, 96)
-    experts.weight = (0.05 * mx.random.normal(experts.weight.shape, key=next(keys))).astype(mx.bfloat16)
-    experts = experts.to_quantized(64, 4)
     idx = mx.array([0] * 3 + [1] * 17 + [3] * 40 + [4], mx.int32)  # 1, 2, 3 tiles; expert 2 unused
     x = mx.random.normal((idx.size, 1024), key=next(keys)).astype(mx.bfloat16)
-    w = mx.dequantize(experts.weight, experts.scales, experts.biases, 64, 4).astype(mx.float32)
-    want = (x.astype(mx.float32)[:, None, :] @ w[idx].swapaxes(-1, -2)).squeeze(1)
-    got = qmm_cuda.grouped_matmul(experts, x, idx)
-    prefill_shape = qmm_cuda.grouped_matmul(experts, x, idx, shape=qmm_cuda.group_shape(qmm_cuda.SMALL_ROWS))
-    # the same rows read from a shuffled x and written to shuffled places
     shuffle = mx.random.permutation(idx.size, key=next(keys)).astype(mx.uint32)
     spread = mx.zeros_like(x).at[shuffle].add(x)  # spread[shuffle[i]] = x[i]
-    moved = qmm_cuda.grouped_matmul(experts, spread, idx, x_rows=shuffle, out_rows=shuffle)[shuffle]
-    gate, up = mx.split(want, 2, axis=-1)
-    swiglu = gate * mx.sigmoid(gate) * up
-    fused = qmm_cuda.grouped_matmul(experts, x, idx, swiglu=True)
-    # a prefill's form: x interleaved, and the SwiGLU's output interleaved for a 4-bit down product
-    prefill_form = dict(shape=qmm_cuda.group_shape(qmm_cuda.SMALL_ROWS), x_interleaved=True)
-    interleaved = qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, 4), idx, **prefill_form)
-    fused_interleaved = qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, 4), idx, swiglu=True, out_bits=4,
-                                                **prefill_form)
-    for name, found, expected in (("grouped", got, want), ("grouped, a prefill's tiles", prefill_shape, want),
-                                  ("grouped, rows through indices", moved, want),
-                                  ("grouped SwiGLU", fused, swiglu), ("grouped, x interleaved", interleaved, want),
-                                  ("grouped SwiGLU, interleaved", fused_interleaved, qmm_cuda.interleave(swiglu, 4))):
-        if not kernels.close(found, expected, 1e-2):
-            raise ValueError(f"{name}: max error {mx.abs(found.astype(mx.float32) - expected).max().item():.3g}")
+    prefill_shape = qmm_cuda.group_shape(qmm_cuda.SMALL_ROWS)
+    for bits in (4, 8):
+        experts = ExpertLinear(5, 1024, 96)
+        experts.weight = (0.05 * mx.random.normal(experts.weight.shape, key=next(keys))).astype(mx.bfloat16)
+        experts = experts.to_quantized(64, bits)
+        w = mx.dequantize(experts.weight, experts.scales, experts.biases, 64, bits).astype(mx.float32)
+        want = (x.astype(mx.float32)[:, None, :] @ w[idx].swapaxes(-1, -2)).squeeze(1)
+        gate, up = mx.split(want, 2, axis=-1)
+        swiglu = gate * mx.sigmoid(gate) * up
+        interleaved = dict(shape=prefill_shape, x_interleaved=True)  # a prefill's form
+        found = {
+            "grouped": (qmm_cuda.grouped_matmul(experts, x, idx), want),
+            "a prefill's tiles": (qmm_cuda.grouped_matmul(experts, x, idx, shape=prefill_shape), want),
+            # the same rows read from a shuffled x and written to shuffled places
+            "rows through indices": (
+                qmm_cuda.grouped_matmul(experts, spread, idx, x_rows=shuffle, out_rows=shuffle)[shuffle], want),
+            "SwiGLU": (qmm_cuda.grouped_matmul(experts, x, idx, swiglu=True), swiglu),
+            "x interleaved": (qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, bits), idx, **interleaved), want),
+            # and the SwiGLU's output interleaved for a down product of the same bits
+            "SwiGLU interleaved": (qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, bits), idx, swiglu=True,
+                                                           out_bits=bits, **interleaved),
+                                   qmm_cuda.interleave(swiglu, bits)),
+        }
+        for name, (got, expected) in found.items():
+            if not kernels.close(got, expected, 1e-2):
+                error = mx.abs(got.astype(mx.float32) - expected).max().item()
+                raise ValueError(f"{bits}-bit grouped product, {name}: max error {error:.3g}")
     return True
 
 
