@@ -280,7 +280,7 @@ GROUPED_SOURCE = """
     }
     // acc[nt][0..1]: A row a0, tokens nt*8 + 2 tig + {0, 1}; acc[nt][2..3]: A row a1, same tokens
     const int f = c0 + a0;  // output column of acc[nt][0..1] (and, without SWIGLU, + 8: [2..3])
-    const int fo = OUT_BITS ? interleaved_column<OUT_BITS ? OUT_BITS : 4>(f) : f;  // where it is written (SWIGLU)
+    const int fo = OUT_BITS ? interleaved_column<OUT_BITS>(f) : f;  // where it is written (SWIGLU)
     #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         #pragma unroll
