@@ -212,12 +212,10 @@ def timed_prefill(run, rng, vocab: int, n: int, repeats: int) -> dict:
 
 
 def prefill(model: Model, tokens: list[int], commit_method: str = DEFAULT_COMMIT_METHOD):
-    """A fresh cache holding `tokens` and the logits of the last one, the way generation gets them (and
-    mlx-lm's generate_step too): all tokens but the last through the engine's prefill, which never computes
-    their logits, then a one-token step."""
+    """A fresh cache holding `tokens` and the logits after the last one [1, V], the way generation gets them:
+    the engine's prefill, which computes no other position's logits."""
     cache = make_cache(model, commit_method)
-    engine_prefill(model, cache, tokens[:-1])
-    logits = model(mx.array([tokens[-1:]]), cache)[:, -1]
+    logits = engine_prefill(model, cache, tokens)[0][None]
     mx.eval(logits)
     return cache, logits
 
@@ -522,9 +520,13 @@ class OracleProposer(Proposer):
         self.resyncs, self.overhead = 0, 0.0
 
     def prefill(self, tokens):
-        self.generated = []
+        self.generated = None  # the first `last` is the target's first token
 
     def propose(self, last, k, params):
+        if self.generated is None:
+            self.generated = [last]
+            if last != self.reference[0]:
+                self._resync()
         at = len(self.generated)
         if len(self.reference) < at + k:  # after a resync, or past the end
             self._recompute(max(k, RESYNC_LOOKAHEAD))
@@ -539,8 +541,11 @@ class OracleProposer(Proposer):
         at = len(self.generated)
         self.generated += self._drafts[:num_accepted] + [next_token]
         if self.generated[at:] != self.reference[at : len(self.generated)]:
-            self.resyncs += 1
-            self.reference = list(self.generated)  # the next propose recomputes what follows
+            self._resync()
+
+    def _resync(self):
+        self.resyncs += 1
+        self.reference = list(self.generated)  # the next propose recomputes what follows
 
     def _recompute(self, n: int):
         t0 = time.perf_counter()
@@ -550,7 +555,8 @@ class OracleProposer(Proposer):
 
 def run_decode(model: Model, prompt: list[int], n: int, proposer=None, k: int = 0,
                commit_method=DEFAULT_COMMIT_METHOD):
-    """Generate at least n tokens through the engine -> (tokens, seconds after prefill, Stats)."""
+    """Generate at least n tokens through the engine -> (tokens, seconds after the prefill, Stats). The first
+    token comes with the prefill: the seconds are those of the rounds that made the rest (`decode_rate`)."""
     stats, out = Stats(), []
     t0 = time.perf_counter()
     for emitted in speculate(model, prompt, SamplingParams(), proposer, k, commit_method, stats):
@@ -559,6 +565,11 @@ def run_decode(model: Model, prompt: list[int], n: int, proposer=None, k: int = 
             break
     seconds = time.perf_counter() - t0 - stats.prefill_time - (proposer.overhead if proposer else 0.0)
     return out, seconds, stats
+
+
+def decode_rate(tokens: list[int], seconds: float) -> float:
+    """Tokens per second of run_decode's rounds: all tokens but the prefill's."""
+    return (len(tokens) - 1) / seconds
 
 
 def expected_tau(alpha: float, k: int) -> float:
@@ -578,7 +589,7 @@ def measure_speculative(model: Model, prompt: list[int], opts: BenchOptions, dra
     run_decode(model, prompt, 6 * (max_k + 1), OracleProposer(model, prompt, warm, 0.5), lambda: next(ks),
                opts.commit_method)
     reference, seconds, _ = run_decode(model, prompt, need)
-    baseline = len(reference) / seconds
+    baseline = decode_rate(reference, seconds)
     log(f"  plain decoding: {baseline:.1f} tok/s")
     runs = []
     for alpha in opts.alphas:
@@ -590,11 +601,11 @@ def measure_speculative(model: Model, prompt: list[int], opts: BenchOptions, dra
                 "alpha": alpha, "K": k, "tokens": len(out), "rounds": stats.rounds,
                 "acceptance": stats.acceptance_rate, "tau": stats.tau, "tau_expected": expected_tau(alpha, k),
                 "resyncs": oracle.resyncs, "seconds": seconds,
-                "tokens_per_s": len(out) / seconds, "speedup": len(out) / seconds / baseline,
-                "tokens_per_s_with_draft_cost": len(out) / with_cost,
-                "speedup_with_draft_cost": len(out) / with_cost / baseline,
+                "tokens_per_s": decode_rate(out, seconds), "speedup": decode_rate(out, seconds) / baseline,
+                "tokens_per_s_with_draft_cost": decode_rate(out, with_cost),
+                "speedup_with_draft_cost": decode_rate(out, with_cost) / baseline,
             })
-            log(f"  alpha {alpha} K {k}: tau {stats.tau:.2f}, {len(out) / seconds:.1f} tok/s, "
+            log(f"  alpha {alpha} K {k}: tau {stats.tau:.2f}, {decode_rate(out, seconds):.1f} tok/s, "
                 f"x{runs[-1]['speedup']:.2f} (x{runs[-1]['speedup_with_draft_cost']:.2f} with draft cost)")
         # K chosen by the engine (AdaptiveK), at zero draft cost and with the draft cost slept for real
         auto = {}
@@ -602,7 +613,7 @@ def measure_speculative(model: Model, prompt: list[int], opts: BenchOptions, dra
             oracle = OracleProposer(model, prompt, reference, alpha, opts.seed, draft_cost_ms=cost)
             policy = AdaptiveK(max_k=max(opts.draft_lengths))
             out, seconds, stats = run_decode(model, prompt, auto_tokens, oracle, policy, opts.commit_method)
-            auto[cost] = (len(out) / seconds, stats)
+            auto[cost] = (decode_rate(out, seconds), stats)
         (tps, stats), (tps_cost, _) = auto[0.0], auto[draft_cost_ms]
         runs.append({
             "alpha": alpha, "K": "auto", "mean_K": stats.drafted / stats.rounds, "tokens": auto_tokens,
@@ -744,7 +755,8 @@ def mlx_lm_step_ms(lm, cache, S: int, repeats: int, rng, vocab: int) -> float:
 
 
 def mlx_lm_prefill(lm, tokens: list[int]):
-    """As `prefill`, the way mlx-lm's generate_step does it: caches only for all tokens but the last."""
+    """As `prefill`, the way mlx-lm's generate_step does it: all tokens but the last with no logits, then a
+    one-token step for the logits after the last."""
     cache = lm.make_cache()
     for i in range(0, len(tokens) - 1, PREFILL_STEP):
         lm(mx.array([tokens[i : min(i + PREFILL_STEP, len(tokens) - 1)]]), cache=cache)
@@ -804,7 +816,7 @@ def measure_mlx_lm(model: Model, cache, prompt: list[int], opts: BenchOptions, r
     for _ in range(ALTERNATIONS // 2):
         theirs.append(mlx_lm_decode_tps(lm, lm_cache, last_token, opts.gen_tokens))
         out, seconds, _ = run_decode(model, prompt, opts.gen_tokens)
-        ours.append(len(out) / seconds)
+        ours.append(decode_rate(out, seconds))
     report["decode_tokens_per_s"] = statistics.median(theirs)
     report["ours_decode_tokens_per_s"] = statistics.median(ours)
     log(f"  mlx-lm plain decoding: {report['decode_tokens_per_s']:.1f} tok/s "

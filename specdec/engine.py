@@ -1,5 +1,7 @@
 """The speculative loop: prefill, then propose -> verify -> accept -> commit, one round at a time.
 
+The prefill takes the whole prompt and gives the first token (the target's own, from the logits of the
+prompt's last token), so it is out as soon as the prompt is in. Then the rounds.
 Invariant: every token before `last` is in the target's cache; `last` is not. A round verifies
 [last, d1..dK] in ONE target forward, keeps the longest acceptable prefix d1..dn plus one token from the
 target (the correction, or the bonus when all K pass), and commits the cache to last, d1..dn.
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import DEFAULT_COMMIT_METHOD, make_cache
-from .sampling import SamplingParams, accept_greedy, accept_sampled, log_probs, make_key, split_key
+from .sampling import SamplingParams, accept_greedy, accept_sampled, log_probs, make_key, sample, split_key
 
 PREFILL_STEP = 2048  # prompt tokens per forward: bounds the attention scores and GDN chunk buffers
 
@@ -68,13 +70,16 @@ class Stats:
 
 
 def prefill(model, cache, tokens: list[int], want_hidden=False):
+    """`tokens` into the cache -> (the logits after the last one [V], the hidden states of all of them
+    [1, n, H] when wanted, else None). No other position's logits are computed."""
     hidden = []
     for i in range(0, len(tokens), PREFILL_STEP):
-        out = model(mx.array([tokens[i : i + PREFILL_STEP]]), cache, return_hidden=want_hidden)
+        out = model(mx.array([tokens[i : i + PREFILL_STEP]]), cache, return_hidden=want_hidden, last_only=True)
+        logits = out[0] if want_hidden else out
         if want_hidden:
             hidden.append(out[1])
         cache.eval()
-    return mx.concatenate(hidden, axis=1) if hidden else None
+    return logits[0, -1], (mx.concatenate(hidden, axis=1) if hidden else None)
 
 
 def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, num_draft_tokens=4,
@@ -88,11 +93,13 @@ def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, 
     observe = getattr(num_draft_tokens, "observe", None)  # an adaptive K policy learns from every round
 
     t0 = time.perf_counter()
-    hidden = prefill(target, cache, prompt[:-1], want_hidden)
+    logits, hidden = prefill(target, cache, prompt, want_hidden)
     if proposer is not None:
-        proposer.prefill(prompt[:-1]) if not want_hidden else proposer.prefill(prompt[:-1], hidden)
+        proposer.prefill(prompt) if not want_hidden else proposer.prefill(prompt, hidden)
+    key, sub = split_key(key)
+    last = sample(logits, params, sub).item()
     stats.prefill_time += time.perf_counter() - t0
-    last = prompt[-1]
+    yield [last]
 
     while True:
         t0 = time.perf_counter()

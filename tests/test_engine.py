@@ -60,7 +60,7 @@ class ScriptedProposer(Proposer):
         self.emitted = 0
 
     def prefill(self, tokens):
-        self.emitted = 0
+        self.emitted = 1  # the first token comes with the target's prefill
 
     def propose(self, last, k, params):
         right = self.continuation[self.emitted : self.emitted + k]
@@ -100,7 +100,7 @@ def assert_matches_greedy(target, prompt, got, reference, what):
 
 def assert_stats_invariants(stats: Stats, fixed_k: int | None = None):
     assert stats.emitted == stats.accepted + stats.rounds
-    assert stats.tau == pytest.approx(stats.emitted / stats.rounds)
+    assert stats.tau == (pytest.approx(stats.emitted / stats.rounds) if stats.rounds else 0.0)  # 1 token: no round
     assert sum(stats.drafted_at) == stats.drafted and sum(stats.accepted_at) == stats.accepted
     # Acceptance is a prefix: a draft is kept only if every draft before it was.
     assert all(a <= d for a, d in zip(stats.accepted_at, stats.drafted_at))
@@ -109,7 +109,7 @@ def assert_stats_invariants(stats: Stats, fixed_k: int | None = None):
         [a / d if d else 0.0 for a, d in zip(stats.accepted_at, stats.drafted_at)])
     if stats.drafted:
         assert stats.acceptance_rate == pytest.approx(stats.accepted / stats.drafted)
-    if fixed_k is not None:
+    if fixed_k is not None and stats.rounds:
         assert stats.drafted_at == [stats.rounds] * fixed_k and stats.drafted == fixed_k * stats.rounds
 
 
@@ -222,7 +222,7 @@ def test_greedy_speculation_is_lossless(tiny, references, noisy, target_name, ki
         got = run(target, prompt, case["n_new"], proposer, k, case["method"], stats)
         what = f"{target_name} + {kind} draft, {case}"
         assert_matches_greedy(target, prompt, got, reference, what)
-        assert stats.emitted == len(got), what
+        assert stats.emitted + 1 == len(got), what  # the rounds', and the prefill's first token
         fixed_k = case["k"] if kind in FILLS_K and case["schedule"] is None else None
         assert_stats_invariants(stats, fixed_k)
         total_accepted += stats.accepted
@@ -319,15 +319,19 @@ def test_caches_match_plain_decoding_after_every_commit(tiny, noisy, monkeypatch
     stats = Stats()
     target_ref = PlainDecoder(target, prompt)
     draft_ref = PlainDecoder(proposer.model, prompt) if isinstance(proposer, DraftModelProposer) else None
-    out, accepted_lengths = [], []
-    for r, tokens in enumerate(speculate(target, prompt, GREEDY, proposer, num_draft_tokens, method, stats)):
+    accepted_lengths = []
+    rounds_of = speculate(target, prompt, GREEDY, proposer, num_draft_tokens, method, stats)
+    out = next(rounds_of)  # the prefill's first token
+    assert len(out) == 1 and stats.rounds == 0
+    for r, tokens in enumerate(rounds_of):
         k_r = stats.drafted - sum(k for _, k in accepted_lengths)  # drafts this round
         n = len(tokens) - 1
         assert 0 <= n <= k_r <= (schedule[r] if schedule else k)
         if kind != "early-stop":
             assert k_r == (schedule[r] if schedule else k)
         accepted_lengths.append((n, k_r))
-        assert (stats.rounds, stats.emitted, stats.accepted) == (r + 1, len(out) + len(tokens), len(out) - r + n)
+        made_by_rounds = len(out) - 1 + len(tokens)
+        assert (stats.rounds, stats.emitted, stats.accepted) == (r + 1, made_by_rounds, made_by_rounds - r - 1)
         out += tokens
         committed = prompt + out[:-1]  # everything before the new `last`
         what = f"{target_name}/{kind}/{method} round {r} (accepted {n} of {k_r})"

@@ -18,7 +18,7 @@ class Proposer:
     needs_hidden = False
 
     def prefill(self, tokens: list[int]) -> None:
-        """Prime with the prompt minus its last token."""
+        """Prime with the prompt; the first `last` proposed from is the target's first token."""
 
     def propose(self, last: int, k: int, params: SamplingParams) -> tuple[mx.array, mx.array | None]:
         """-> (draft tokens [<=k] int32, log-probs [<=k, V] they were drawn from; None when greedy)."""

@@ -243,11 +243,15 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def __call__(self, tokens, cache=None, return_hidden=False):
-        """Decode and verify steps on a filled cache run as compiled graphs where that pays (see compiled.py)."""
+    def __call__(self, tokens, cache=None, return_hidden=False, last_only=False):
+        """Decode and verify steps on a filled cache run as compiled graphs where that pays (see compiled.py).
+        `last_only`: the logits of the last position alone [B, 1, V] (a prefill's: the head multiplies one row)."""
         if cache is not None and compiled.enabled() and self._steps.accepts(tokens, cache):
-            return self._steps(tokens, cache, return_hidden)
-        return self.forward(tokens, cache, return_hidden)
+            out = self._steps(tokens, cache, return_hidden)
+            if not last_only:
+                return out
+            return (out[0][:, -1:], out[1]) if return_hidden else out[:, -1:]
+        return self.forward(tokens, cache, return_hidden, last_only)
 
     # A compiled step holds the weights it was traced with, so changing them through the root module (loading,
     # quantizing, casting) drops the traces. Assigning arrays to submodules directly does not: call
@@ -268,9 +272,9 @@ class Model(nn.Module):
         if "_steps" in self.__dict__:
             self._steps.reset()
 
-    def forward(self, tokens, cache=None, return_hidden=False):
+    def forward(self, tokens, cache=None, return_hidden=False, last_only=False):
         h = self.model(tokens, cache)
-        normed = self.model.norm(h)
+        normed = self.model.norm(h[:, -1:] if last_only else h)
         logits = self.logits(normed)
         return (logits, h) if return_hidden else logits
 
