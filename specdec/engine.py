@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import DEFAULT_COMMIT_METHOD, make_cache
+from .errors import PromptError
 from .sampling import SamplingParams, accept_greedy, accept_sampled, log_probs, make_key, sample, split_key
 
 PREFILL_STEP = 2048  # prompt tokens per forward: bounds the attention scores and GDN chunk buffers
@@ -92,6 +93,8 @@ def speculate(target, prompt: list[int], params: SamplingParams, proposer=None, 
     choose_k = num_draft_tokens if callable(num_draft_tokens) else (lambda: num_draft_tokens)
     observe = getattr(num_draft_tokens, "observe", None)  # an adaptive K policy learns from every round
 
+    if not prompt:
+        raise PromptError("the prompt is empty: the first token comes from the logits of its last one")
     t0 = time.perf_counter()
     logits, hidden = prefill(target, cache, prompt, want_hidden)
     if proposer is not None:

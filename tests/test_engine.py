@@ -17,6 +17,7 @@ from specdec import engine
 from specdec.cache import GDNCache, KVCache, make_cache
 from specdec.drafts import DraftModelProposer, NgramProposer, Proposer
 from specdec.engine import Stats, speculate
+from specdec.errors import PromptError
 from specdec.loading import load_model
 from specdec.models import compiled
 from specdec.sampling import SamplingParams
@@ -191,6 +192,18 @@ def assert_argmax_follows(logits: np.ndarray, tokens: list[int], tie: float, wha
             top2 = np.sort(row)[-2:]
             assert top2[1] - top2[0] < tie, f"{what}: token {i} is {token}, argmax {row.argmax()}"
             return
+
+
+def test_first_token_comes_with_the_prefill(tiny, references):
+    """The prefill yields the first token alone, before any round; an empty prompt has no last token to start
+    from and is refused by name."""
+    target = tiny.model("moe")
+    stats = Stats()
+    rounds = speculate(target, PROMPTS["moe"][0], GREEDY, None, 0, stats=stats)
+    assert next(rounds) == references["moe"][0][:1] and stats.rounds == 0 and stats.prefill_time > 0
+    assert next(rounds) == references["moe"][0][1:2] and stats.rounds == 1
+    with pytest.raises(PromptError, match="empty"):
+        next(speculate(target, [], GREEDY))
 
 
 def test_reference_is_plain_greedy(tiny, references):
