@@ -245,12 +245,9 @@ class Model(nn.Module):
 
     def __call__(self, tokens, cache=None, return_hidden=False, last_only=False):
         """Decode and verify steps on a filled cache run as compiled graphs where that pays (see compiled.py).
-        `last_only`: the logits of the last position alone [B, 1, V] (a prefill's: the head multiplies one row)."""
-        if cache is not None and compiled.enabled() and self._steps.accepts(tokens, cache):
-            out = self._steps(tokens, cache, return_hidden)
-            if not last_only:
-                return out
-            return (out[0][:, -1:], out[1]) if return_hidden else out[:, -1:]
+        `last_only`: the logits of the last position alone [B, 1, V]: a prefill's, which runs eagerly."""
+        if not last_only and cache is not None and compiled.enabled() and self._steps.accepts(tokens, cache):
+            return self._steps(tokens, cache, return_hidden)
         return self.forward(tokens, cache, return_hidden, last_only)
 
     # A compiled step holds the weights it was traced with, so changing them through the root module (loading,
