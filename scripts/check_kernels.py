@@ -52,7 +52,7 @@ def main():
     print(f"worst relative error {worst:.2e} (states), {worst_out:.2e} (bfloat16 output): {'OK' if ok else 'MISMATCH'}")
     ok = check_chunked() and ok
     ok = check_mixer() and ok
-    ok = check_prep() and ok
+    ok = check_prefill() and ok
     ok = check_moe() and ok
     ok = check_qmm() and ok
     ok = check_one_tile_products() and ok
@@ -120,29 +120,35 @@ def check_mixer():
     return ok
 
 
-def check_prep():
-    """A prefill's recurrence inputs in one kernel (gdn_cuda.prep) against GatedDeltaNet.recurrence_inputs on a
-    real-size bfloat16 layer of each architecture."""
-    print(f"{'prefill recurrence inputs':<36}{'err':>9}{'kernel ms':>11}{'ops ms':>9}")
+def check_prefill():
+    """A prefill's recurrence inputs (gdn_cuda.prep) and gated norm (gdn_cuda.gated_norm), each one kernel, against
+    GatedDeltaNet.recurrence_inputs and GatedRMSNorm on a real-size bfloat16 layer of each architecture."""
+    print(f"{'prefill kernels':<36}{'err':>9}{'kernel ms':>11}{'ops ms':>9}")
     worst = 0.0
     for arch in ("qwen3.5-35b-a3b", "qwen3-next-80b-a3b"):
         cfg = arch_config(arch, 1)
         layer = build_target(cfg, 16).model.layers[0].linear_attn
         for S in (33, 1024, 4096):
-            ks = mx.random.split(mx.random.key(200 + S), 2)
+            ks = mx.random.split(mx.random.key(200 + S), 3)
             x = mx.random.normal((1, S, cfg.hidden_size), key=ks[0]).astype(mx.bfloat16)
             carried = mx.random.normal((1, layer.kernel - 1, layer.conv_dim), key=ks[1]).astype(mx.bfloat16)
-            qkv, _, b, a = layer.project(x)
+            o = mx.random.normal((1, S, layer.Hv, layer.Dv), key=ks[2]).astype(mx.bfloat16)
+            proj = layer.in_proj[0](x)
+            qkv, z, b, a = layer.project(x)
             conv_in = mx.concatenate([carried, qkv], axis=1)
-            mx.eval(conv_in, b, a)
-            got, want = gdn_cuda.prep(layer, conv_in, b, a), layer.recurrence_inputs(conv_in, b, a)
-            err = max(rel_err(u, w) for u, w in zip(got, want))
-            worst = max(worst, err)
-            t_k = timed(lambda: gdn_cuda.prep(layer, conv_in, b, a), 10)
-            t_o = timed(lambda: layer.recurrence_inputs(conv_in, b, a), 10)
-            print(f"{f'{arch} S={S}':<36}{err:>9.1e}{t_k:>11.3f}{t_o:>9.3f}")
+            z = z.reshape(o.shape)
+            mx.eval(proj, conv_in, z, b, a, o)
+            cases = {"inputs": (lambda: gdn_cuda.prep(layer, conv_in, proj),
+                                lambda: layer.recurrence_inputs(conv_in, b, a)),
+                     "gated norm": (lambda: [gdn_cuda.gated_norm(layer, o, proj)],
+                                    lambda: [layer.norm(o, z).reshape(1, S, -1)])}
+            for name, (kernel, ops) in cases.items():
+                err = max(rel_err(u, w) for u, w in zip(kernel(), ops()))
+                worst = max(worst, err)
+                t_k, t_o = timed(lambda: kernel()[0], 10), timed(lambda: ops()[0], 10)
+                print(f"{f'{arch} S={S} {name}':<36}{err:>9.1e}{t_k:>11.3f}{t_o:>9.3f}")
     ok = worst <= 1e-2
-    print(f"prefill recurrence inputs: worst relative error {worst:.2e}: {'OK' if ok else 'MISMATCH'}")
+    print(f"prefill kernels: worst relative error {worst:.2e}: {'OK' if ok else 'MISMATCH'}")
     return ok
 
 
@@ -163,12 +169,14 @@ def check_moe():
             ok = ok and found["top_k"] and found["error"] <= 2e-2 and exact
             print(f"{f'N={N}':<32}{found['error']:>8.1e}{found['ops_error']:>9.1e}{str(found['top_k']):>7}"
                   f"{str(exact):>10}{t_k:>11.3f}{t_o:>9.3f}")
-        # a prefill's block: sorted rows through the grouped matmul
-        x = mx.random.normal((1024, cfg.hidden_size), key=mx.random.key(299)).astype(mx.bfloat16)
-        experts = mx.argpartition(block.gate(x), kth=-block.top_k, axis=-1)[:, -block.top_k:]
-        err = rel_err(block.ops(x), moe_cuda.reference(block, x, experts))
-        ok = ok and err <= 2e-2
-        print(f"{'N=1024 (grouped)':<32}{err:>8.1e}{'':>26}{timed(lambda: block.ops(x), 10):>20.3f}")
+        # many tokens' block: the routing kernels and the grouped product, against the reference on their experts
+        for N in (16, 1024):
+            x = mx.random.normal((N, cfg.hidden_size), key=mx.random.key(299 + N)).astype(mx.bfloat16)
+            experts = moe_cuda.route(block.gate(x), block.top_k, block.norm_topk_prob, 16)[0]
+            err = rel_err(block.grouped(x), moe_cuda.reference(block, x, experts))
+            ok = ok and err <= 2e-2
+            t_k, t_o = timed(lambda: block.grouped(x), 10), timed(lambda: block.ops(x), 10)
+            print(f"{f'N={N} (routing + grouped)':<32}{err:>8.1e}{'':>26}{t_k:>11.3f}{t_o:>9.3f}")
     print(f"MoE kernels: {'OK' if ok else 'MISMATCH'} (error relative to the largest entry of the float32 reference)")
     # Float (unquantized) experts run as MLX operations everywhere; their sorted path (5+ tokens) must hold too.
     block = build_target(arch_config("qwen3.5-35b-a3b", 1), 16).model.layers[0].mlp

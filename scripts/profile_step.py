@@ -62,6 +62,6 @@ def profile(what):
 
 if __name__ == "__main__":
     if sys.argv[1] == "summarize":
-        summarize(sys.argv[2])
+        summarize(sys.argv[2], *map(int, sys.argv[3:]))
     else:
         profile(sys.argv[1])

@@ -17,19 +17,19 @@ from specdec.models.layers import Linear, QuantizedLinear, SparseMoE
 
 
 @pytest.mark.parametrize("setting, on", [
-    (None, {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"}),
-    ("all", {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"}),
+    (None, {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_route", "qmm"}),
+    ("all", {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_route", "qmm"}),
     ("none", set()),
     ("0", set()),
-    ("gdn", {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence"}),
-    ("moe, qmm", {"moe", "qmm"}),
+    ("gdn", {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence"}),
+    ("moe, qmm", {"moe", "moe_route", "qmm"}),
 ])
 def test_kernel_switch(monkeypatch, setting, on):
     if setting is None:
         monkeypatch.delenv("SPECDEC_KERNELS", raising=False)
     else:
         monkeypatch.setenv("SPECDEC_KERNELS", setting)
-    names = {"gdn_chunked", "gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"}
+    names = {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_route", "qmm"}
     assert {n for n in names if kernels.allowed(n)} == on
 
 
@@ -37,7 +37,7 @@ def test_no_kernel_runs_off_cuda():
     device = mx.default_device()
     mx.set_default_device(mx.cpu)  # the CPU of a CUDA machine too
     try:
-        assert not any(kernels.ready(name) for name in ("gdn_mixer", "gdn_prep", "gdn_recurrence", "moe", "qmm"))
+        assert not any(kernels.ready(name) for name in kernels._checks)
     finally:
         mx.set_default_device(device)
 
@@ -181,42 +181,77 @@ def test_interleave_pairs_x_as_the_codes_pair():
 
 def test_prefill_experts_take_interleaved_x_only_from_prefill_sizes(monkeypatch):
     """grouped_experts interleaves x for a prefill's rows (and asks the SwiGLU product for output the down product
-    reads interleaved); a verify window's rows go in as they are."""
+    reads interleaved); a verify window's rows go in as they are. The scores go to the down product alone."""
     calls = []
     monkeypatch.setattr(qmm_cuda, "grouped_matmul", lambda layer, x, *a, **kw: calls.append(kw) or x)
-    monkeypatch.setattr(qmm_cuda, "expert_tiles", lambda *a: None)
     layer = type("Experts", (), {"bits": 4, "weight": mx.zeros((4, 8, 8))})()
     for rows in (128, qmm_cuda.INTERLEAVE_MIN_ROWS):
         calls.clear()
-        qmm_cuda.grouped_experts(layer, layer, mx.zeros((2, 16)), mx.zeros((rows,), mx.int32), None, None)
+        sorted_rows = qmm_cuda.SortedRows(mx.zeros((rows,), mx.int32), mx.zeros((rows,), mx.int32), None)
+        qmm_cuda.grouped_experts(layer, layer, mx.zeros((2, 16)), sorted_rows, mx.ones((rows // 4, 4)))
         on = rows >= qmm_cuda.INTERLEAVE_MIN_ROWS
         assert [(c["x_interleaved"], c.get("out_bits", 0)) for c in calls] == [(on, 4 if on else 0), (on, 0)]
+        assert calls[0].get("row_scale") is None and calls[1]["row_scale"].shape == (rows,)
+
+
+def test_many_rows_take_the_routing_kernels_and_grouped_product_with_their_contracts(monkeypatch):
+    """Where the routing kernels and the grouped product may run, SparseMoE sends windows of many rows through
+    them (fewer stay with the operations); stand-ins computing their contracts with operations give ops' output:
+    the rows' tokens and (token, slot) places, the scores folded into the down product, the k rows summed."""
+    block = moe_block(4)
+    k, E = block.top_k, block.num_experts
+    calls = []
+
+    def route(logits, top_k, norm_topk, tile):
+        indices = mx.argpartition(logits, kth=E - top_k, axis=-1)[:, E - top_k:]
+        scores = mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1, precise=True)
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        calls.append((logits.shape[0], tile))
+        rows = qmm_cuda.SortedRows(order // top_k, order, qmm_cuda.expert_tiles(flat[order], E, tile))
+        return indices, scores.astype(mx.float32), rows
+
+    def grouped_experts(gate_up, down, x, rows, scores):
+        indices = mx.argpartition(block.gate(x), kth=E - k, axis=-1)[:, E - k:].flatten()[rows.slot]
+        y = block.experts(x[rows.token], indices[:, None]).squeeze(1) * scores.flatten()[rows.slot][:, None]
+        return mx.zeros_like(y).at[rows.slot].add(y)  # each sorted row to its (token, slot) place
+
+    monkeypatch.setattr(kernels, "ready", lambda name: name in ("qmm", "moe_route"))
+    monkeypatch.setattr(qmm_cuda, "usable", lambda linear, x: False)  # the few-token matmul: not what is tested
+    monkeypatch.setattr(moe_cuda, "route", route)
+    monkeypatch.setattr(qmm_cuda, "grouped_experts", grouped_experts)
+    x = mx.random.normal((1, 40, block.hidden), key=mx.random.key(5)).astype(mx.bfloat16)
+    residual = mx.ones_like(x)
+    assert kernels.close(block(x, residual), residual + block.ops(x[0]), 2e-2)
+    assert calls == [(40, qmm_cuda.group_shape(40 * k)[0])]
+    block(x[:, :2])  # 2 tokens x 4 experts: below the sort threshold
+    assert len(calls) == 1
 
 
 def test_long_inputs_go_to_the_chunk_kernels_with_their_contract(monkeypatch):
     """Where the chunk kernels may run, gdn() hands them inputs past the token loop's length with a float32 state
-    (zeros for none); a stand-in computing the contract with operations gives the token loop's result."""
+    or None; a stand-in computing the contract with operations gives the token loop's result."""
     calls = []
 
     def stand_in(q, k, v, g, beta, state):
-        calls.append((v.shape[1], state.shape, state.dtype))
+        calls.append((v.shape[1], None if state is None else (state.shape, state.dtype)))
         return gdn.gdn_chunked(q, k, v, g, beta, state)
 
     monkeypatch.setattr(kernels, "ready", lambda name: name == "gdn_chunked")
     monkeypatch.setattr(gdn_cuda, "chunked_cuda", stand_in)
-    q, k, v, g, beta, _ = gdn_cuda.random_inputs(1, 40, 2, 4, 128, 32, seed=3)
-    out, final = gdn.gdn(q, k, v, g, beta, None)
-    want_out, want_final = gdn.gdn_recurrent(q, k, v, g, beta, None)
-    assert calls == [(40, (1, 4, 128, 32), mx.float32)]
-    assert kernels.close(out, want_out, 1e-2) and kernels.close(final, want_final, 1e-4)
+    q, k, v, g, beta, state = gdn_cuda.random_inputs(1, 40, 2, 4, 128, 32, seed=3)
+    for initial in (None, state.astype(mx.bfloat16)):
+        out, final = gdn.gdn(q, k, v, g, beta, initial)
+        want_out, want_final = gdn.gdn_recurrent(q, k, v, g, beta, initial)
+        assert kernels.close(out, want_out, 1e-2) and kernels.close(final, want_final, 1e-2)
+    assert calls == [(40, None), (40, ((1, 4, 128, 32), mx.float32))]
     gdn.gdn(q[:, :8], k[:, :8], v[:, :8], g[:, :8], beta[:, :8])  # a verify window: the token loop
-    assert len(calls) == 1
+    assert len(calls) == 2
 
-
-def test_prefills_compute_recurrence_inputs_with_the_prep_kernel(tiny, monkeypatch):
-    """Where the prep kernel may run, a prefill's GDN layers take their recurrence inputs from gdn_cuda.prep
-    (contract: conv_in, b, a as the operations get them); short windows do not. A stand-in computing that contract
-    with operations gives the same logits."""
+def test_prefills_take_the_prefill_kernels_with_their_contracts(tiny, monkeypatch):
+    """Where the prefill kernels may run, a prefill's GDN layers take their recurrence inputs from gdn_cuda.prep and
+    their gated norm from gdn_cuda.gated_norm, both reading the input projection; short windows take neither.
+    Stand-ins computing those contracts with operations give the same logits."""
     from test_engine import random_prompt
 
     model = tiny.model("moe")
@@ -224,17 +259,29 @@ def test_prefills_compute_recurrence_inputs_with_the_prep_kernel(tiny, monkeypat
     want = model.forward(tokens, make_cache(model))
     calls = []
 
-    def stand_in(layer, conv_in, b, a):
-        calls.append((conv_in.shape[1] - (layer.kernel - 1), b.shape, a.shape))
-        return layer.recurrence_inputs(conv_in, b, a)
+    def parts(layer, proj):
+        return {name: layer.part(proj, name) for name in ("z", "b", "a")}
 
-    monkeypatch.setattr(kernels, "ready", lambda name: name == "gdn_prep")
-    monkeypatch.setattr(gdn_cuda, "prep", stand_in)
-    monkeypatch.setattr(gdn_cuda, "prep_usable", lambda layer: True)  # the real kernel needs whole-warp heads
+    def prep(layer, conv_in, proj):
+        calls.append(("prep", conv_in.shape[1] - (layer.kernel - 1), proj.shape))
+        p = parts(layer, proj)
+        return layer.recurrence_inputs(conv_in, p["b"], p["a"])
+
+    def gated_norm(layer, o, proj):
+        calls.append(("norm", o.shape, proj.shape))
+        return layer.norm(o, parts(layer, proj)["z"].reshape(o.shape)).reshape(*o.shape[:2], -1)
+
+    monkeypatch.setattr(kernels, "ready", lambda name: name == "gdn_prefill")
+    monkeypatch.setattr(gdn_cuda, "prep", prep)
+    monkeypatch.setattr(gdn_cuda, "gated_norm", gated_norm)
+    monkeypatch.setattr(gdn_cuda, "prefill_usable", lambda layer: True)  # the real kernels need whole-warp heads
     got = model.forward(tokens, make_cache(model))
-    gdn_layers = model.layer_types.count("linear_attention")
-    Hv = model.config.linear_num_value_heads
-    assert calls == [(40, (1, 40, Hv), (1, 40, Hv))] * gdn_layers
+    layer = next(l.linear_attn for l in model.model.layers if "linear_attn" in l)
+    proj = (1, 40, layer.in_proj[0].weight.shape[0])
+    o = (1, 40, layer.Hv, layer.Dv)
+    assert calls == [("prep", 40, proj), ("norm", o, proj)] * model.layer_types.count("linear_attention")
     assert mx.array_equal(got, want).item()
-    model.forward(tokens[:, :8], make_cache(model))  # a window of the token loop's length: no prep
-    assert len(calls) == gdn_layers
+    calls.clear()
+    model.forward(tokens[:, :8], make_cache(model))  # a window of the token loop's length
+    assert calls == []
+

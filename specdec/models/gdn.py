@@ -230,8 +230,7 @@ def gdn(q, k, v, g, beta, state=None, *, return_states=False):
         return gdn_recurrent(q, k, v, g, beta, state, return_states=return_states)
     if kernels.ready("gdn_chunked") and gdn_cuda.chunked_usable(k.shape[-1], v.shape[-1]):
         _check(k, v, g, beta, state, q)
-        B, _, Hv, Dv = v.shape
-        return gdn_cuda.chunked_cuda(q, k, v, g, beta, _initial(state, B, Hv, k.shape[-1], Dv))
+        return gdn_cuda.chunked_cuda(q, k, v, g, beta, None if state is None else state.astype(mx.float32))
     # Small chunks on the CPU, whose reference BLAS makes the in-chunk C x C work dear (2048 tokens: 1.36 s with
     # 16, 2.0 s with 64); 64 elsewhere, the usual size for GPU matmuls.
     chunk_size = 16 if mx.default_device() == mx.cpu else 64

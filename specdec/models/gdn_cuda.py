@@ -134,7 +134,7 @@ def self_check(reference) -> bool:
 # Rounding follows the ops path (GatedDeltaNet.mixer_ops): the conv and silu round to CT after every
 # operation as MLX's elementwise ops do, the norms and the recurrence run in float32.
 
-# What the fused mixer and a prefill's input kernel (prep, below) compute alike, per channel and per head.
+# What the fused mixer and a prefill's kernels (prep and gated_norm, below) compute alike, per channel and head.
 INPUTS_HEADER = """
 // Conv + silu of one channel at one token, rounded to CT after every operation as MLX's elementwise ops do:
 // x points at the channel in the first of the K rows of the conv window (rows `stride` apart), w at its K taps.
@@ -156,6 +156,22 @@ __device__ inline void gdn_gates(float a, float b, float dt_bias, float A_log, f
     const float softplus = fmaxf(av, 0.f) + log1pf(expf(-fabsf(av)));
     g = -expf(A_log) * softplus;
     beta = 1.f / (1.f + expf(-b));
+}
+
+// The gated RMS norm of one (token, v-head)'s Dv outputs o, by one warp: rmsnorm(o) * norm_w rounded to RT (as
+// mx.fast.rms_norm returns it), times silu(z) in float32, rounded to the output's type.
+template <int Dv, typename RT, typename OT, typename ZT, typename WT, typename DT>
+__device__ inline void gated_norm(const OT* o, const ZT* z, const WT* norm_w, float eps, DT* dst, int lane) {
+    float sq = 0.f;
+    for (int i = lane; i < Dv; i += 32) { const float v = static_cast<float>(o[i]); sq += v * v; }
+    #pragma unroll
+    for (int m = 16; m > 0; m >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, m);
+    const float inv = rsqrtf(sq / Dv + eps);
+    for (int i = lane; i < Dv; i += 32) {
+        const float normed = static_cast<float>(static_cast<RT>(static_cast<float>(o[i]) * inv * static_cast<float>(norm_w[i])));
+        const float zf = static_cast<float>(z[i]);
+        dst[i] = static_cast<DT>(normed * (zf * (1.f / (1.f + expf(-zf)))));
+    }
 }
 """
 
@@ -243,21 +259,9 @@ MIXER_SOURCE = """
             if (part == 0) os[tt * Dv + j] = static_cast<float>(static_cast<CT>(o));  // o rounds to CT first
         }
         __syncthreads();
-        for (int tt = warp; tt < n; tt += warps) {  // gated RMS norm of each token's Dv outputs, a warp a token
-            const float* o = os + tt * Dv;
-            float sq = 0.f;
-            for (int i = lane; i < Dv; i += 32) sq += o[i] * o[i];
-            #pragma unroll
-            for (int m = 16; m > 0; m >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, m);
-            const float inv = rsqrtf(sq / Dv + eps[0]);
-            const size_t prow = ((size_t)b * S + t0 + tt) * P;
-            for (int i = lane; i < Dv; i += 32) {
-                const float normed = static_cast<float>(static_cast<RT>(o[i] * inv * static_cast<float>(norm_w[i])));
-                const float z = static_cast<float>(proj[prow + ZO + h * Dv + i]);
-                const float gate = z * (1.f / (1.f + expf(-z)));
-                out[((size_t)b * S + t0 + tt) * (Hv * Dv) + h * Dv + i] = static_cast<CT>(normed * gate);
-            }
-        }
+        for (int tt = warp; tt < n; tt += warps)  // the gated RMS norm of each token's Dv outputs, a warp a token
+            gated_norm<Dv, RT>(os + tt * Dv, proj + ((size_t)b * S + t0 + tt) * P + ZO + h * Dv, norm_w, eps[0],
+                               out + ((size_t)b * S + t0 + tt) * (Hv * Dv) + h * Dv, lane);
         __syncthreads();  // the next chunk overwrites the shared arrays
     }
     #pragma unroll
@@ -315,7 +319,7 @@ def mixer(layer, conv_in, proj, state, keep_states, keep_tape=False):
 PREP_SOURCE = """
     constexpr int C = 2 * Hk * Dk + Hv * Dv, UNITS = 2 * Hk + Hv, MAXR = (Dk > Dv ? Dk : Dv) / 32;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-    const int S = b_shape[1], L = conv_in_shape[1], bt = blockIdx.x, bi = bt / S, t = bt % S;
+    const int S = proj_shape[1], P = proj_shape[2], L = conv_in_shape[1], bt = blockIdx.x, bi = bt / S, t = bt % S;
     const T* x = conv_in + ((size_t)bi * L + t) * C;   // row t of the conv window: tokens t .. t + K - 1
     for (int u = warp; u < UNITS; u += warps) {
         const bool is_v = u >= 2 * Hk;
@@ -345,36 +349,66 @@ PREP_SOURCE = """
             if (r * 32 < Dk) dst[r * 32 + lane] = is_q ? y[r] * inv * qscale : y[r] * inv;
     }
     for (int h = tid; h < Hv; h += blockDim.x) {
-        const size_t i = (size_t)bt * Hv + h;
-        gdn_gates(static_cast<float>(a[i]), static_cast<float>(b[i]), static_cast<float>(dt_bias[h]),
-                  static_cast<float>(A_log[h]), g_out[i], beta_out[i]);
+        const size_t i = (size_t)bt * Hv + h, prow = (size_t)bt * P;
+        gdn_gates(static_cast<float>(proj[prow + AO + h]), static_cast<float>(proj[prow + BO + h]),
+                  static_cast<float>(dt_bias[h]), static_cast<float>(A_log[h]), g_out[i], beta_out[i]);
     }
 """
 
 
-def prep_usable(layer) -> bool:
-    """Whole warps of channels per head."""
-    return layer.Dk % 32 == 0 and layer.Dv % 32 == 0 and layer.Dk <= 256 and layer.Dv <= 256
+def prefill_usable(layer) -> bool:
+    """prep and gated_norm read the input projection as one Linear's output (as the fused mixer does), heads of
+    whole warps of channels."""
+    return (len(layer.groups) == 1 and layer.Dk % 32 == 0 and layer.Dv % 32 == 0 and layer.Dk <= 256
+            and layer.Dv <= 256)
 
 
-def prep(layer, conv_in, b, a):
-    """GatedDeltaNet.recurrence_inputs of `layer` in one kernel: conv_in [B, kernel-1+S, C], b and a [B, S, Hv]
-    -> q, k [B, S, Hk, Dk] float32 (normalized, q scaled), v [B, S, Hv, Dv] in the conv's dtype, g and beta
-    [B, S, Hv] float32."""
-    kernel = cuda_kernel("gdn_prep", ["conv_in", "b", "a", "conv_w", "A_log", "dt_bias"],
+def prep(layer, conv_in, proj):
+    """GatedDeltaNet.recurrence_inputs of `layer` in one kernel: conv_in [B, kernel-1+S, C], proj [B, S, P] (the
+    input projection, whose b and a parts it reads) -> q, k [B, S, Hk, Dk] float32 (normalized, q scaled),
+    v [B, S, Hv, Dv] in the conv's dtype, g and beta [B, S, Hv] float32."""
+    kernel = cuda_kernel("gdn_prep", ["conv_in", "proj", "conv_w", "A_log", "dt_bias"],
                          ["q_out", "k_out", "v_out", "g_out", "beta_out"], PREP_SOURCE, header=INPUTS_HEADER)
-    B, S, _ = b.shape
+    B, S, _ = proj.shape
     Hk, Hv, Dk, Dv = layer.Hk, layer.Hv, layer.Dk, layer.Dv
     ct = _promote(conv_in.dtype, layer.conv1d.weight.dtype)
     f32 = mx.float32
     return kernel(
-        inputs=[conv_in, b, a, layer.conv1d.weight, layer.A_log, layer.dt_bias],
-        template=[("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", layer.kernel), ("T", conv_in.dtype),
-                  ("CT", ct)],
+        inputs=[conv_in, proj, layer.conv1d.weight, layer.A_log, layer.dt_bias],
+        template=[("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", layer.kernel), ("BO", layer.offsets["b"]),
+                  ("AO", layer.offsets["a"]), ("T", conv_in.dtype), ("CT", ct)],
         grid=(256 * B * S, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(B, S, Hk, Dk), (B, S, Hk, Dk), (B, S, Hv, Dv), (B, S, Hv), (B, S, Hv)],
         output_dtypes=[f32, f32, ct, f32, f32],
     )
+
+
+# A prefill's gated norm (GatedRMSNorm on the recurrence's outputs, z read from the input projection) in one
+# launch, a warp a (token, v-head): as MLX operations it was six (the norm, casts, silu, products), 77 us a layer
+# for 1024 tokens of Qwen3.5-35B-A3B on an H100.
+NORM_SOURCE = """
+    constexpr int WARPS = 8;
+    const int lane = threadIdx.x & 31, row = blockIdx.x * WARPS + (threadIdx.x >> 5);  // row: (b, t, h)
+    const int P = proj_shape[2];
+    if (row >= o_shape[0] * o_shape[1] * Hv) return;  // a whole warp
+    gated_norm<Dv, RT>(o + (size_t)row * Dv, proj + (size_t)(row / Hv) * P + ZO + (row % Hv) * Dv, norm_w, eps[0],
+                       out + (size_t)row * Dv, lane);
+"""
+
+
+def gated_norm(layer, o, proj):
+    """layer.norm(o, z) with z read from the input projection: o [B, S, Hv, Dv] (the recurrence's outputs),
+    proj [B, S, P] -> [B, S, Hv * Dv] in o's dtype."""
+    kernel = cuda_kernel("gdn_gated_norm", ["o", "proj", "norm_w", "eps"], ["out"], NORM_SOURCE,
+                         header=INPUTS_HEADER)
+    B, S, Hv, Dv = o.shape
+    (out,) = kernel(
+        inputs=[o, proj, layer.norm.weight, mx.array([layer.norm.eps], mx.float32)],
+        template=[("Dv", Dv), ("Hv", Hv), ("ZO", layer.offsets["z"]), ("RT", _promote(o.dtype, layer.norm.weight.dtype))],
+        grid=(-(-B * S * Hv // 8) * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(B, S, Hv * Dv)], output_dtypes=[o.dtype],
+    )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,7 +550,7 @@ CHUNK_SCAN_SOURCE = """
         pu = *reinterpret_cast<const float4*>(U + (cn * C + rb) * Dv + c0 + cb);
     };
     for (int idx = tid; idx < Dk * SL; idx += NTH)
-        Ss[idx] = state_in[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL];
+        Ss[idx] = HAS_STATE ? state_in[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL] : 0.f;
     load(0);
     for (int n = 0; n < N; ++n) {
         __syncthreads();  // the previous chunk is done with the shared rows
@@ -602,8 +636,8 @@ def chunked_usable(Dk: int, Dv: int) -> bool:
 
 
 def chunked_cuda(q, k, v, g, beta, state):
-    """gdn.gdn_chunked on MLX-CUDA (see `chunked_usable`): state float32, not None. -> (out in v.dtype, final
-    state float32)."""
+    """gdn.gdn_chunked on MLX-CUDA (see `chunked_usable`): state float32, or None for zeros. -> (out in v.dtype,
+    final state float32)."""
     B, S, Hv, Dv = v.shape
     Dk = k.shape[-1]
     C, N = CHUNK, -(-S // CHUNK)
@@ -621,9 +655,9 @@ def chunked_cuda(q, k, v, g, beta, state):
     scan_bytes = 4 * (Dk * SLICE + 3 * C * (Dk + 4) + C * (C + 4) + 2 * C * SLICE + C)
     out, final = cuda_kernel("gdn_chunk_scan", ["q", "k", "U", "W", "attn", "G", "state_in"], ["out", "state_out"],
                               CHUNK_SCAN_SOURCE, shared_memory=scan_bytes)(
-        inputs=[q, k, U, W, attn, G, state],
+        inputs=[q, k, U, W, attn, G, G if state is None else state],
         template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("SL", SLICE), ("NTH", SCAN_THREADS),
-                  ("OutT", v.dtype)],
+                  ("HAS_STATE", state is not None), ("OutT", v.dtype)],
         grid=(Dv // SLICE * SCAN_THREADS, B * Hv, 1), threadgroup=(SCAN_THREADS, 1, 1),
         output_shapes=[(B, S, Hv, Dv), (B, Hv, Dk, Dv)],
         output_dtypes=[v.dtype, f32],
@@ -633,7 +667,10 @@ def chunked_cuda(q, k, v, g, beta, state):
 
 def chunked_self_check(reference) -> bool:
     """The chunk kernels against gdn.gdn_chunked's operations on a small random case: three chunks, the last
-    one partial, two v-heads per k-head, bfloat16 v."""
+    one partial, two v-heads per k-head, bfloat16 v; from a state and from none."""
     q, k, v, g, beta, state = random_inputs(1, 150, 2, 4, 128, 32, seed=1)
-    got, want = chunked_cuda(q, k, v, g, beta, state), reference(q, k, v, g, beta, state)
-    return close(got[0], want[0], 1e-2) and close(got[1], want[1], 1e-3)
+    for initial in (state, None):
+        got, want = chunked_cuda(q, k, v, g, beta, initial), reference(q, k, v, g, beta, initial)
+        if not (close(got[0], want[0], 1e-2) and close(got[1], want[1], 1e-3)):
+            return False
+    return True

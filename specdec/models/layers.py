@@ -223,18 +223,10 @@ class Experts(nn.Module):
         flat = indices.flatten()
         order = mx.argsort(flat)
         idx = flat[order]
-        if self.grouped_kernel_ready(x):  # reads x through the order and writes back through it
-            return qmm_cuda.grouped_experts(self.gate_up, self.down, x, idx, order // k, order).reshape(N, k, -1)
         matmul = lambda layer, a: layer(a[:, None, :], idx, True).squeeze(-2)
         gate, up = mx.split(matmul(self.gate_up, x[order // k]), 2, axis=-1)
         y = matmul(self.down, nn.silu(gate) * up)
         return y[mx.argsort(order)].reshape(N, k, -1)
-
-    def grouped_kernel_ready(self, x) -> bool:
-        """On CUDA, quantized experts multiply sorted rows (a prefill's, a long verify window's) with
-        qmm_cuda.grouped_matmul."""
-        return (isinstance(self.gate_up, QuantizedExpertLinear) and qmm_cuda.formats_ok(self.gate_up, x)
-                and qmm_cuda.formats_ok(self.down, x) and kernels.ready("qmm"))
 
 
 class SparseMoE(nn.Module):
@@ -259,8 +251,25 @@ class SparseMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         if x.shape[0] <= moe_cuda.MAX_TOKENS and kernels.ready("moe") and moe_cuda.usable(self, x):
             return moe_cuda.moe(self, x, None if residual is None else residual.reshape(x.shape)).reshape(shape)
-        y = self.ops(x).reshape(shape)
+        y = (self.grouped(x) if self.grouped_usable(x) else self.ops(x)).reshape(shape)
         return y if residual is None else residual + y
+
+    def grouped_usable(self, x) -> bool:
+        """On CUDA, quantized experts of many rows (a prefill's, a long verify window's) run through the routing
+        kernels (moe_cuda.route) and the grouped product (qmm_cuda.grouped_matmul)."""
+        gate_up, down = (getattr(self.experts, name, None) for name in ("gate_up", "down"))
+        return (x.shape[0] * self.top_k >= sort_threshold() and isinstance(gate_up, QuantizedExpertLinear)
+                and qmm_cuda.formats_ok(gate_up, x) and qmm_cuda.formats_ok(down, x)
+                and self.num_experts <= moe_cuda.MAX_EXPERTS and kernels.ready("qmm") and kernels.ready("moe_route"))
+
+    def grouped(self, x):
+        """`ops` for `grouped_usable` x [N, H]: the rows sorted by expert in two launches, the experts in two
+        (their scores folded into the down product), then the sum of each token's k weighted rows."""
+        N, H = x.shape
+        tile = qmm_cuda.group_shape(N * self.top_k)[0]
+        _, scores, rows = moe_cuda.route(self.gate(x), self.top_k, self.norm_topk_prob, tile)
+        y = qmm_cuda.grouped_experts(self.experts.gate_up, self.experts.down, x, rows, scores)
+        return self.plus_shared(x, y.reshape(N, self.top_k, H).sum(axis=1))
 
     def ops(self, x):
         """x [N, H] -> [N, H] as MLX operations."""
@@ -279,10 +288,11 @@ class SparseMoE(nn.Module):
             f32 = lambda a: a.astype(mx.float32)
             scores = mx.exp(f32(top) - mx.logsumexp(f32(logits), axis=-1, keepdims=True)).astype(x.dtype)
         # the score-weighted sum of the k expert outputs, as one batched [1, k] @ [k, H] product per token
-        y = (scores[:, None, :] @ self.experts(x, indices)).squeeze(-2)
-        if self.shared:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y
+        return self.plus_shared(x, (scores[:, None, :] @ self.experts(x, indices)).squeeze(-2))
+
+    def plus_shared(self, x, y):
+        """y plus the shared expert's output gated by sigmoid(its gate logit), where the block has one."""
+        return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x) if self.shared else y
 
 
 def _moe_self_check() -> bool:
@@ -314,7 +324,8 @@ kernels.register("moe", _moe_self_check)
 def _qmm_self_check() -> bool:
     """The tensor-core matmul against float32 arithmetic on dequantized weights: 4- and 8-bit, 3 and 11 tokens,
     a K split between warps (few rows) and none (many); and the grouped form, 4- and 8-bit, rows sorted over
-    uneven experts, plain, with the SwiGLU of gate and up, and with x interleaved as a prefill passes it."""
+    uneven experts, plain, through row indices, scaled, with the SwiGLU of gate and up, and with x interleaved as
+    a prefill passes it."""
     keys = iter(mx.random.split(mx.random.key(2), 16))
     for bits, rows, tokens, split in ((4, 96, 3, 1), (8, 40, 11, None), (4, 4096, 5, 2)):
         linear = Linear(1024, rows, bias=False)
@@ -331,7 +342,9 @@ def _qmm_self_check() -> bool:
     x = mx.random.normal((idx.size, 1024), key=next(keys)).astype(mx.bfloat16)
     shuffle = mx.random.permutation(idx.size, key=next(keys)).astype(mx.uint32)
     spread = mx.zeros_like(x).at[shuffle].add(x)  # spread[shuffle[i]] = x[i]
-    prefill_shape = qmm_cuda.group_shape(qmm_cuda.SMALL_ROWS)
+    row_scale = mx.random.uniform(shape=(idx.size,), key=next(keys))
+    small, prefill = qmm_cuda.group_shape(idx.size), qmm_cuda.group_shape(qmm_cuda.SMALL_ROWS)
+    tiles, prefill_tiles = (qmm_cuda.expert_tiles(idx, 5, shape[0]) for shape in (small, prefill))
     for bits in (4, 8):
         experts = ExpertLinear(5, 1024, 96)
         experts.weight = (0.05 * mx.random.normal(experts.weight.shape, key=next(keys))).astype(mx.bfloat16)
@@ -340,19 +353,20 @@ def _qmm_self_check() -> bool:
         want = (x.astype(mx.float32)[:, None, :] @ w[idx].swapaxes(-1, -2)).squeeze(1)
         gate, up = mx.split(want, 2, axis=-1)
         swiglu = gate * mx.sigmoid(gate) * up
-        interleaved = dict(shape=prefill_shape, x_interleaved=True)  # a prefill's form
+        interleaved = dict(shape=prefill, x_interleaved=True)  # a prefill's form
+        product = lambda *a, **kw: qmm_cuda.grouped_matmul(experts, *a, **kw)
         found = {
-            "grouped": (qmm_cuda.grouped_matmul(experts, x, idx), want),
-            "a prefill's tiles": (qmm_cuda.grouped_matmul(experts, x, idx, shape=prefill_shape), want),
-            # the same rows read from a shuffled x and written to shuffled places
-            "rows through indices": (
-                qmm_cuda.grouped_matmul(experts, spread, idx, x_rows=shuffle, out_rows=shuffle)[shuffle], want),
-            "SwiGLU": (qmm_cuda.grouped_matmul(experts, x, idx, swiglu=True), swiglu),
-            "x interleaved": (qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, bits), idx, **interleaved), want),
+            "grouped": (product(x, tiles), want),
+            "a prefill's tiles": (product(x, prefill_tiles, shape=prefill), want),
+            # the same rows read from a shuffled x and written to shuffled places, scaled there
+            "rows through indices": (product(spread, tiles, x_rows=shuffle, out_rows=shuffle)[shuffle], want),
+            "scaled": (product(x, tiles, out_rows=shuffle, row_scale=row_scale)[shuffle],
+                       want * row_scale[shuffle][:, None]),
+            "SwiGLU": (product(x, tiles, swiglu=True), swiglu),
+            "x interleaved": (product(qmm_cuda.interleave(x, bits), prefill_tiles, **interleaved), want),
             # and the SwiGLU's output interleaved for a down product of the same bits
-            "SwiGLU interleaved": (qmm_cuda.grouped_matmul(experts, qmm_cuda.interleave(x, bits), idx, swiglu=True,
-                                                           out_bits=bits, **interleaved),
-                                   qmm_cuda.interleave(swiglu, bits)),
+            "SwiGLU interleaved": (product(qmm_cuda.interleave(x, bits), prefill_tiles, swiglu=True, out_bits=bits,
+                                           **interleaved), qmm_cuda.interleave(swiglu, bits)),
         }
         for name, (got, expected) in found.items():
             if not kernels.close(got, expected, 1e-2):
@@ -362,3 +376,5 @@ def _qmm_self_check() -> bool:
 
 
 kernels.register("qmm", _qmm_self_check)
+# Many tokens' routing (SparseMoE.grouped), after a self-check against the operations.
+kernels.register("moe_route", moe_cuda.route_self_check)

@@ -74,6 +74,11 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.Dv, cfg.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, cfg.hidden_size, bias=False)
 
+    def part(self, proj, name):
+        """Part `name` of the input projection's output where it is one Linear's (the kernels read it so)."""
+        at = self.offsets[name]
+        return proj[..., at : at + self.part_sizes[name]]
+
     def project(self, x):
         parts = {}
         for group, proj in zip(self.groups, self.in_proj):
@@ -89,17 +94,21 @@ class GatedDeltaNet(nn.Module):
         short = S <= RECURRENT_MAX_TOKENS
         if short and kernels.ready("gdn_mixer") and gdn_cuda.mixer_usable(self):
             proj = self.in_proj[0](x)
-            at = self.offsets["qkv"]
-            conv_in = self.conv_input(cache, proj[..., at : at + self.conv_dim])
+            conv_in = self.conv_input(cache, self.part(proj, "qkv"))
             if state is None:
                 state = mx.zeros((B, self.Hv, self.Dk, self.Dv), mx.float32)
             out, final, states, tape = gdn_cuda.mixer(self, conv_in, proj, state, keep_states, keep_tape)
+        elif not (short or keep_states) and kernels.ready("gdn_prefill") and gdn_cuda.prefill_usable(self):
+            # a prefill: the recurrence inputs and the gated norm each one kernel, the chunked recurrence between
+            proj = self.in_proj[0](x)
+            conv_in = self.conv_input(cache, self.part(proj, "qkv"))
+            q, k, v, g, beta = gdn_cuda.prep(self, conv_in, proj)
+            out, final = gdn(q, k, v, g, beta, state)
+            out, tape, states = gdn_cuda.gated_norm(self, out, proj), (k, v, g, beta), None
         else:
             qkv, z, b, a = self.project(x)
             conv_in = self.conv_input(cache, qkv)
-            fused_prep = not short and kernels.ready("gdn_prep") and gdn_cuda.prep_usable(self)
-            inputs = gdn_cuda.prep(self, conv_in, b, a) if fused_prep else None
-            out, final, tape, states = self.mixer_ops(conv_in, z, b, a, state, keep_states, inputs)
+            out, final, tape, states = self.mixer_ops(conv_in, z, b, a, state, keep_states)
         if cache is not None:
             cache.advance(conv_in, final, S, tape, states)
         return self.out_proj(out)
@@ -111,12 +120,11 @@ class GatedDeltaNet(nn.Module):
             carried = mx.zeros((qkv.shape[0], self.kernel - 1, self.conv_dim), dtype=qkv.dtype)
         return mx.concatenate([carried, qkv], axis=1)
 
-    def mixer_ops(self, conv_in, z, b, a, state, keep_states, inputs=None):
+    def mixer_ops(self, conv_in, z, b, a, state, keep_states):
         """Conv, gates, recurrence and gated norm as MLX operations -> (out [B, S, value_dim], final state,
-        recurrence inputs (k, v, g, beta) for a replay commit, per-step states or None). `inputs`: the
-        recurrence inputs computed already (by gdn_cuda.prep)."""
+        recurrence inputs (k, v, g, beta) for a replay commit, per-step states or None)."""
         B, S = z.shape[:2]
-        q, k, v, g, beta = inputs if inputs is not None else self.recurrence_inputs(conv_in, b, a)
+        q, k, v, g, beta = self.recurrence_inputs(conv_in, b, a)
         out, final, *states = gdn(q, k, v, g, beta, state, return_states=keep_states)
         out = self.norm(out, z.reshape(B, S, self.Hv, self.Dv))
         return out.reshape(B, S, -1), final, (k, v, g, beta), (states[0] if states else None)
@@ -168,20 +176,26 @@ def _mixer_self_check() -> bool:
             and all(close(u, w, 5e-2) for u, w in zip(got[3], want[2])))
 
 
-def _prep_self_check() -> bool:
-    """The fused recurrence inputs of a prefill against recurrence_inputs, on the self-check layer, 40 tokens."""
+def _prefill_self_check() -> bool:
+    """A prefill's kernels against the operations on the self-check layer, 40 tokens: the recurrence inputs (prep)
+    against recurrence_inputs, the gated norm against GatedRMSNorm."""
     layer = _check_layer()
     x = mx.random.normal((1, 40, _CHECK_CONFIG.hidden_size), key=mx.random.key(2)).astype(mx.bfloat16)
-    qkv, _, b, a = layer.project(x)
+    proj = layer.in_proj[0](x)
+    qkv, z, b, a = layer.project(x)
     conv_in = layer.conv_input(None, qkv)
-    got, want = gdn_cuda.prep(layer, conv_in, b, a), layer.recurrence_inputs(conv_in, b, a)
-    return all(kernels.close(u, w, 1e-2) for u, w in zip(got, want))
+    got, want = gdn_cuda.prep(layer, conv_in, proj), layer.recurrence_inputs(conv_in, b, a)
+    o = mx.random.normal((1, 40, layer.Hv, layer.Dv), key=mx.random.key(4)).astype(mx.bfloat16)
+    normed = layer.norm(o, z.reshape(o.shape)).reshape(1, 40, -1)
+    return (all(kernels.close(u, w, 1e-2) for u, w in zip(got, want))
+            and kernels.close(gdn_cuda.gated_norm(layer, o, proj), normed, 1e-2))
 
 
 # On MLX's CUDA backend, after a self-check against the operations (see kernels.py), decode and verify windows
-# run the GDN mixer as one kernel (gdn_cuda.mixer), and prefills compute the recurrence inputs in one (prep).
+# run the GDN mixer as one kernel (gdn_cuda.mixer), and prefills compute the recurrence inputs in one (prep) and
+# the gated norm in one (gated_norm).
 kernels.register("gdn_mixer", _mixer_self_check)
-kernels.register("gdn_prep", _prep_self_check)
+kernels.register("gdn_prefill", _prefill_self_check)
 
 
 class DecoderLayer(nn.Module):

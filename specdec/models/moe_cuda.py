@@ -1,4 +1,5 @@
-"""The sparse MoE block of a decode or verify window as two CUDA launches (MLX's CUDA backend).
+"""The sparse MoE block of a decode or verify window as two CUDA launches (MLX's CUDA backend), and the routing
+of many tokens for the grouped product (`route`, further down).
 
 As MLX operations the block is ~14 graph nodes a layer (top-k, gathers, softmax, two gather matmuls, the
 SwiGLU, the weighted sum, the shared expert's three matmuls, its gate, the residual add), and at a few tokens
@@ -25,6 +26,7 @@ compares the two at real size on the GPU; a self-check runs once on a small case
 import mlx.core as mx
 
 from .kernels import cuda_kernel, quantized_format
+from .qmm_cuda import SortedRows, expert_tiles
 
 HEADER = """
 // 16 bytes of a packed row (128 / BITS values) against those values of x, read at x[i * STRIDE]: sum(q * x).
@@ -52,6 +54,56 @@ template <typename T>
 __device__ inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
 
 __device__ inline float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+// The k largest of one token's NE router logits, by one warp: k rounds of argmax over the lanes' strided slices,
+// ties to the lower index. chosen / chosen_logit (lane 0 writes them) hold the experts from the largest down.
+template <int NE, int TOPK, typename LT>
+__device__ inline void top_k(const LT* logits, int lane, int* chosen, float* chosen_logit) {
+    constexpr int PER_LANE = (NE + 31) / 32;
+    float v[PER_LANE];
+    #pragma unroll
+    for (int m = 0; m < PER_LANE; ++m) {
+        const int e = lane + 32 * m;
+        v[m] = e < NE ? static_cast<float>(logits[e]) : -INFINITY;
+    }
+    unsigned taken = 0;  // bit m: this lane's element m was chosen
+    for (int r = 0; r < TOPK; ++r) {
+        float bv = -INFINITY; int bi = 0x7fffffff;
+        #pragma unroll
+        for (int m = 0; m < PER_LANE; ++m) {
+            const int e = lane + 32 * m;
+            if (e < NE && !(taken >> m & 1u) && (v[m] > bv || bi == 0x7fffffff)) { bv = v[m]; bi = e; }
+        }
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffff, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffff, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+        if (lane == 0) { chosen[r] = bi; chosen_logit[r] = bv; }
+    }
+    __syncwarp();
+}
+
+// One token's routing from its top_k, by one thread: the experts, and their scores in float32 rounded once to T:
+// the softmax of the k logits (NORM_TOPK; softmax(precise=True)), else exp(logit - logsumexp(all NE logits)).
+template <int NE, int TOPK, bool NORM_TOPK, typename T, typename LT>
+__device__ inline void write_routing(const int* chosen, const float* chosen_logit, const LT* logits, int* expert,
+                                     float* score) {
+    const float top = chosen_logit[0];
+    float denom = 0.f;
+    if (NORM_TOPK) {
+        for (int r = 0; r < TOPK; ++r) denom += expf(chosen_logit[r] - top);
+    } else {
+        for (int e = 0; e < NE; ++e) denom += expf(static_cast<float>(logits[e]) - top);
+    }
+    for (int r = 0; r < TOPK; ++r) {
+        expert[r] = chosen[r];
+        const float p = NORM_TOPK ? expf(chosen_logit[r] - top) / denom : expf(chosen_logit[r] - top - logf(denom));
+        score[r] = rnd<T>(p);
+    }
+}
 """
 
 GATE_UP_SOURCE = """
@@ -80,46 +132,11 @@ GATE_UP_SOURCE = """
         }
         xsum[i] = s;
     }
-    if (warp == 0) {  // top-k of the router logits: k rounds of argmax over the lanes' strided slices
-        constexpr int PER_LANE = (NE + 31) / 32;
-        float v[PER_LANE];
-        #pragma unroll
-        for (int m = 0; m < PER_LANE; ++m) {
-            const int e = lane + 32 * m;
-            v[m] = e < NE ? static_cast<float>(logits[(size_t)t * NE + e]) : -INFINITY;
-        }
-        unsigned taken = 0;  // bit m: this lane's element m was chosen
-        for (int r = 0; r < TOPK; ++r) {
-            float bv = -INFINITY; int bi = 0x7fffffff;
-            #pragma unroll
-            for (int m = 0; m < PER_LANE; ++m) {
-                const int e = lane + 32 * m;
-                if (e < NE && !(taken >> m & 1u) && (v[m] > bv || bi == 0x7fffffff)) { bv = v[m]; bi = e; }
-            }
-            #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                const float ov = __shfl_xor_sync(0xffffffff, bv, o);
-                const int oi = __shfl_xor_sync(0xffffffff, bi, o);
-                if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-            }
-            if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-            if (lane == 0) { chosen[r] = bi; chosen_logit[r] = bv; }
-        }
-        __syncwarp();
-        if (lane == 0 && slot == 0 && blockIdx.x == 0) {  // one block per token writes the routing
-            const float top = chosen_logit[0];
-            float denom = 0.f;
-            if (NORM_TOPK) {  // softmax of the k logits in float32, rounded once (softmax(precise=True))
-                for (int r = 0; r < TOPK; ++r) denom += expf(chosen_logit[r] - top);
-            } else {          // probabilities over all experts: exp(logit - logsumexp(all logits))
-                for (int e = 0; e < NE; ++e) denom += expf(static_cast<float>(logits[(size_t)t * NE + e]) - top);
-            }
-            for (int r = 0; r < TOPK; ++r) {
-                expert[(size_t)t * TOPK + r] = chosen[r];
-                const float p = NORM_TOPK ? expf(chosen_logit[r] - top) / denom : expf(chosen_logit[r] - top - logf(denom));
-                score[(size_t)t * TOPK + r] = rnd<T>(p);
-            }
-        }
+    if (warp == 0) {
+        top_k<NE, TOPK>(logits + (size_t)t * NE, lane, chosen, chosen_logit);
+        if (lane == 0 && slot == 0 && blockIdx.x == 0)  // one block per token writes the routing
+            write_routing<NE, TOPK, NORM_TOPK, T>(chosen, chosen_logit, logits + (size_t)t * NE,
+                                                  expert + (size_t)t * TOPK, score + (size_t)t * TOPK);
     }
     __syncthreads();
 
@@ -265,6 +282,7 @@ DOWN_UNITS = 4
 MAX_TOKENS = 8
 SHARED_BYTES = 48 * 1024  # static shared memory a block may use
 MAX_REGISTER_FLOATS = 128  # x values a lane keeps in registers in moe_gate_up: hidden / 32
+MAX_EXPERTS = 32 * 32  # top_k marks a lane's chosen logits in the bits of one 32-bit word
 
 def _matrices(moe):
     """The expert and shared-expert matrices the kernels read as one format."""
@@ -294,7 +312,7 @@ def usable(moe, x) -> bool:
                                    and quantized_format(moe.shared_expert_gate) is not None)
     down_bytes = 4 * slots * (I + 32) + 4 * slots * row_chunks + 8 * moe.top_k
     return (lanes_ok and shared_ok and H % (32 * vals) == 0 and H // 32 <= MAX_REGISTER_FLOATS
-            and moe.num_experts <= 32 * 32 and moe.top_k <= moe.num_experts and down_bytes <= SHARED_BYTES)
+            and moe.num_experts <= MAX_EXPERTS and moe.top_k <= moe.num_experts and down_bytes <= SHARED_BYTES)
 
 
 def moe(layer, x, residual=None):
@@ -356,6 +374,112 @@ def down(layer, act, expert, score, shared_gate, residual=None):
         output_dtypes=[act.dtype],
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The routing of many tokens (a prefill's, a long verify window's) for the grouped product (qmm_cuda), in two
+# launches instead of ~17 MLX operations a layer (argpartition, take, softmax, argsort, and the tile counts):
+# - `moe_route`: a warp a token: its top-k and scores, as moe_gate_up finds them;
+# - `moe_sort`: one block: a counting sort of the (token, slot) rows by expert, and the tile counts.
+# Rows of one expert land in the order their atomics come, which changes no result: each row of the grouped
+# product is computed alone (an mma's columns do not mix) and written to its own place.
+
+ROUTE_SOURCE = """
+    constexpr int WARPS = 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = blockIdx.x * WARPS + warp;
+    __shared__ int chosen[WARPS][TOPK];
+    __shared__ float chosen_logit[WARPS][TOPK];
+    if (t >= logits_shape[0]) return;  // a whole warp
+    top_k<NE, TOPK>(logits + (size_t)t * NE, lane, chosen[warp], chosen_logit[warp]);
+    if (lane == 0)
+        write_routing<NE, TOPK, NORM_TOPK, T>(chosen[warp], chosen_logit[warp], logits + (size_t)t * NE,
+                                              expert + (size_t)t * TOPK, score + (size_t)t * TOPK);
+"""
+
+SORT_SOURCE = """
+    constexpr int R = (NE + 31) / 32;  // experts a lane of the scanning warp takes
+    const int tid = threadIdx.x, P = expert_shape[0] * TOPK;
+    __shared__ int rows[NE], cursor[NE];
+    for (int e = tid; e < NE; e += blockDim.x) rows[e] = 0;
+    __syncthreads();
+    for (int i = tid; i < P; i += blockDim.x) atomicAdd(&rows[expert[i]], 1);
+    __syncthreads();
+    if (tid < 32) {  // exclusive scans of the rows and tiles, lane l over experts l R .. l R + R - 1
+        int n = 0, tiles = 0;
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int e = tid * R + r;
+            if (e < NE) { n += rows[e]; tiles += (rows[e] + TILE - 1) / TILE; }
+        }
+        int n_incl = n, tiles_incl = tiles;
+        #pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int a = __shfl_up_sync(0xffffffff, n_incl, o), b = __shfl_up_sync(0xffffffff, tiles_incl, o);
+            if (tid >= o) { n_incl += a; tiles_incl += b; }
+        }
+        int at = n_incl - n, tl = tiles_incl - tiles;
+        #pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int e = tid * R + r;
+            if (e < NE) {
+                const int c = rows[e];
+                start[e] = cursor[e] = at;
+                count[e] = c;
+                at += c;
+                tl += (c + TILE - 1) / TILE;
+                tile_end[e] = tl;
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < P; i += blockDim.x) {
+        const int at = atomicAdd(&cursor[expert[i]], 1);
+        slot[at] = i;
+        token[at] = i / TOPK;
+    }
+"""
+
+SORT_THREADS = 1024
+
+
+def route(logits, top_k: int, norm_topk: bool, tile: int):
+    """Router logits [N, E] -> (expert [N, k] int32, score [N, k] float32 rounded to the logits' dtype,
+    qmm_cuda.SortedRows in `tile`-row tiles): SparseMoE.ops' routing (ties to the lower index), sorted by expert."""
+    N, E = logits.shape
+    expert, score = cuda_kernel("moe_route", ["logits"], ["expert", "score"], ROUTE_SOURCE, header=HEADER)(
+        inputs=[logits],
+        template=[("NE", E), ("TOPK", top_k), ("NORM_TOPK", norm_topk), ("T", logits.dtype)],
+        grid=(-(-N // 8) * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(N, top_k), (N, top_k)], output_dtypes=[mx.int32, mx.float32],
+    )
+    token, slot, tile_end, start, count = cuda_kernel(
+        "moe_sort", ["expert"], ["token", "slot", "tile_end", "start", "count"], SORT_SOURCE)(
+        inputs=[expert],
+        template=[("NE", E), ("TOPK", top_k), ("TILE", tile)],
+        grid=(SORT_THREADS, 1, 1), threadgroup=(SORT_THREADS, 1, 1),
+        output_shapes=[(N * top_k,), (N * top_k,), (E,), (E,), (E,)], output_dtypes=[mx.int32] * 5,
+    )
+    return expert, score, SortedRows(token, slot, (tile_end, start, count))
+
+
+def route_self_check() -> bool:
+    """`route` against the operations on random logits with ties (bfloat16 on a coarse grid): the experts are a
+    top-k (ties may go either way), the scores their softmax, the rows sorted by expert and each (token, slot)
+    there once, the tiles those of qmm_cuda.expert_tiles."""
+    N, E, k, tile = 77, 40, 6, 16
+    logits = (mx.round(4 * mx.random.normal((N, E), key=mx.random.key(7))) / 4).astype(mx.bfloat16)
+    expert, score, rows = route(logits, k, True, tile)
+    f32 = logits.astype(mx.float32)
+    chosen = mx.take_along_axis(f32, expert, axis=-1)
+    kth = mx.sort(f32, axis=-1)[:, -k]
+    distinct = (mx.sort(expert, axis=-1)[:, 1:] != mx.sort(expert, axis=-1)[:, :-1]).all()
+    scores_ok = mx.allclose(score, mx.softmax(chosen, axis=-1).astype(mx.bfloat16).astype(mx.float32), atol=1e-2)
+    sorted_experts = expert.flatten()[rows.slot]
+    in_order = (sorted_experts[1:] >= sorted_experts[:-1]).all()
+    each_once = mx.array_equal(mx.sort(rows.slot), mx.arange(N * k)) and mx.array_equal(rows.token, rows.slot // k)
+    tiles_ok = all(mx.array_equal(a, b) for a, b in zip(rows.tiles, expert_tiles(sorted_experts, E, tile)))
+    return all(bool(c) for c in ((chosen >= kth[:, None]).all().item(), distinct.item(), scores_ok, in_order.item(),
+                                 each_once, tiles_ok))
 
 
 def reference(layer, x, expert):

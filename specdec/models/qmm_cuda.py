@@ -21,6 +21,8 @@ order the codes pair up (`interleave`), so that its B registers are whole words 
 writes its output interleaved the same way for the down product.
 """
 
+from typing import NamedTuple
+
 import mlx.core as mx
 
 from .kernels import cuda_kernel, quantized_format
@@ -173,9 +175,9 @@ SOURCE = """
 
 # The grouped product: block (x, z) multiplies tile z of up to 8 * NT sorted rows (all of one expert) with 128 A
 # rows of that expert's matrix (8 warps of 16). Row i reads x[x_rows[i]] (GATHER) and writes out[out_rows[i]]
-# (SCATTER). SWIGLU: the matrix is [gate; up] (2I rows) and the output is silu(x . gate) * (x . up) [P, I]: a
-# warp's A rows are 8 gate rows and the 8 up rows of the same columns, so both halves of a product land in the
-# same lane. The block's weights and x tile go through shared memory one quantization group at a time, STAGES
+# (SCATTER), times row_scale[out_rows[i]] (SCALED: the router's score). SWIGLU: the matrix is [gate; up] (2I rows)
+# and the output is silu(x . gate) * (x . up) [P, I]: a warp's A rows are 8 gate rows and the 8 up rows of the
+# same columns, so both halves of a product land in the same lane. The block's weights and x tile go through shared memory one quantization group at a time, STAGES
 # groups in flight (cp.async): loads from one warp would wait on memory between every group.
 GROUPED_SOURCE = """
     constexpr int WARPS = 8, ROWS = 16 * WARPS, GROUPS = K / GS, TOK = 8 * NT;
@@ -292,6 +294,10 @@ GROUPED_SOURCE = """
                 const float gate = static_cast<float>(static_cast<T>(acc[nt][c]));
                 const float up = static_cast<float>(static_cast<T>(acc[nt][2 + c]));
                 if (f < OUT) out[row * OUT + fo] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
+            } else if (SCALED) {  // each output, rounded as the unweighted product would be, times its row's score
+                const float s = row_scale[row];
+                if (f < N) out[row * N + f] = static_cast<T>(s * static_cast<float>(static_cast<T>(acc[nt][c])));
+                if (f + 8 < N) out[row * N + f + 8] = static_cast<T>(s * static_cast<float>(static_cast<T>(acc[nt][2 + c])));
             } else {
                 if (f < N) out[row * N + f] = static_cast<T>(acc[nt][c]);
                 if (f + 8 < N) out[row * N + f + 8] = static_cast<T>(acc[nt][2 + c]);
@@ -315,7 +321,7 @@ TARGET_BLOCKS = 264  # two blocks per SM of an H100: split K until a matrix has 
 def _get_kernel(grouped=False, shared_memory=0):
     if grouped:
         return cuda_kernel("qmm_grouped", ["x", "w", "scales", "biases", "tile_end", "start", "count", "x_rows",
-                                           "out_rows"], ["out"], GROUPED_SOURCE, header=HEADER,
+                                           "out_rows", "row_scale"], ["out"], GROUPED_SOURCE, header=HEADER,
                            shared_memory=shared_memory)
     return cuda_kernel("qmm_tokens", ["x", "w", "scales", "biases"], ["out"], SOURCE, header=HEADER)
 
@@ -401,32 +407,34 @@ def interleave(x, bits: int):
     return x.reshape(*x.shape[:-1], -1, 2, run // 2).swapaxes(-1, -2).reshape(x.shape)
 
 
-def grouped_matmul(layer, x, indices, tiles=None, x_rows=None, out_rows=None, swiglu=False, shape=None,
-                   x_interleaved=False, out_bits=0):
-    """Rows sorted by expert times their expert's dequantized [N, K] matrix of a QuantizedExpertLinear's
-    [E, N, K], each expert's weights read once per tile of rows. indices [P]: the expert of each row,
-    non-decreasing. Row i reads x[x_rows[i]] (x [P, K] in that order without x_rows) and goes to out[out_rows[i]]
-    (to out[i] without), out [P, N]: so a caller needs no gather into expert order or back. With `swiglu` the
-    matrix is [gate; up] and out [P, N/2] is silu(x . gate) * (x . up). `tiles`: expert_tiles of the indices;
-    `shape`: (tile, stages), group_shape(P) by default. `x_interleaved`: x comes `interleave`d for the layer's
-    bits; `out_bits` (with `swiglu`): the output goes out interleaved for a matrix of those bits. MLX-CUDA's
-    gather_qmm takes ~7 ms for a 1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
-    P, K = indices.shape[0], x.shape[-1]
+def grouped_matmul(layer, x, tiles, x_rows=None, out_rows=None, swiglu=False, shape=None, x_interleaved=False,
+                   out_bits=0, row_scale=None):
+    """P rows sorted by expert times their expert's dequantized [N, K] matrix of a QuantizedExpertLinear's
+    [E, N, K], each expert's weights read once per tile of rows. `tiles`: expert_tiles of the rows' experts, in
+    `shape`'s tiles ((tile, stages), group_shape(P) by default). Row i reads x[x_rows[i]] (x [P, K] in row order
+    without x_rows) and goes to out[out_rows[i]] (to out[i] without), out [P, N]: so a caller needs no gather into
+    expert order or back. With `swiglu` the matrix is [gate; up] and out [P, N/2] is silu(x . gate) * (x . up).
+    `x_interleaved`: x comes `interleave`d for the layer's bits; `out_bits` (with `swiglu`): the output goes out
+    interleaved for a matrix of those bits. `row_scale` [P] float32 (not with `swiglu`): out[j] is scaled by
+    row_scale[j]. MLX-CUDA's gather_qmm takes ~7 ms for a 1024-token prefill's 8192 rows (Qwen3.5-35B-A3B)."""
+    P, K = (x_rows if x_rows is not None else x).shape[0], x.shape[-1]
     E, N = layer.weight.shape[:2]
     out_cols = N // 2 if swiglu else N
     tile, stages = shape or group_shape(P)
-    tile_end, start, count = tiles if tiles is not None else expert_tiles(indices, E, tile)
+    tile_end, start, count = tiles
     unused = tile_end  # an input the kernel does not read
     cols_per_block = 8 * (8 if swiglu else 16)
     gs, groups = layer.group_size, K // layer.group_size
     # shared memory: per stage one group of the 128 weight rows and of the tile's x rows; all scales and biases
     smem = stages * (128 * gs * layer.bits // 8 + tile * (gs + 8) * 2) + 2 * 128 * groups * 2
+    optional = lambda a: unused if a is None else a
     (out,) = _get_kernel(grouped=True, shared_memory=smem)(
-        inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count,
-                unused if x_rows is None else x_rows, unused if out_rows is None else out_rows],
+        inputs=[x, layer.weight, layer.scales, layer.biases, tile_end, start, count, optional(x_rows),
+                optional(out_rows), optional(row_scale)],
         template=[("K", K), ("BITS", layer.bits), ("GS", layer.group_size), ("NT", tile // 8), ("T", x.dtype),
                   ("GATHER", x_rows is not None), ("SCATTER", out_rows is not None), ("SWIGLU", swiglu),
-                  ("STAGES", stages), ("X_INTERLEAVED", x_interleaved), ("OUT_BITS", out_bits)],
+                  ("SCALED", row_scale is not None), ("STAGES", stages), ("X_INTERLEAVED", x_interleaved),
+                  ("OUT_BITS", out_bits)],
         grid=(-(-out_cols // cols_per_block) * 256, -(-P // tile) + E, 1),
         threadgroup=(256, 1, 1),
         output_shapes=[(P, out_cols)],
@@ -435,19 +443,28 @@ def grouped_matmul(layer, x, indices, tiles=None, x_rows=None, out_rows=None, sw
     return out
 
 
+class SortedRows(NamedTuple):
+    """The P = N * k (token, slot) rows of N tokens routed to k experts each, sorted by expert: sorted row i is
+    token[i]'s slot[i] (a flat index t * k + s), and `tiles` their expert_tiles for group_shape(P)."""
+    token: mx.array
+    slot: mx.array
+    tiles: tuple
+
+
 # Interleaving x costs a copy of it, worth it where each of its values feeds several mma tiles' worth of weights
 # (a prefill's thousands of rows); a verify window's few rows only stream weights.
 INTERLEAVE_MIN_ROWS = SMALL_ROWS
 
 
-def grouped_experts(gate_up, down, x, indices, x_rows, out_rows):
-    """SwiGLU experts of rows sorted by expert (`indices` [P]): row i reads x[x_rows[i]] and its output goes to
-    out[out_rows[i]], out [P, H]. Two grouped products, the first with the SwiGLU folded in."""
-    P = indices.shape[0]
-    tiles = expert_tiles(indices, gate_up.weight.shape[0])
+def grouped_experts(gate_up, down, x, rows: SortedRows, scores=None):
+    """SwiGLU experts of x [N, H] on its sorted rows -> out [N * k, H], row t * k + s the output of token t's
+    slot s; with `scores` [N, k] float32 each times its score. Two grouped products, the SwiGLU folded into the
+    first, the scores into the second."""
+    P = rows.token.shape[0]
     interleaved = P >= INTERLEAVE_MIN_ROWS
     if interleaved:
         x = interleave(x, gate_up.bits)
-    h = grouped_matmul(gate_up, x, indices, tiles, x_rows=x_rows, swiglu=True, x_interleaved=interleaved,
+    h = grouped_matmul(gate_up, x, rows.tiles, x_rows=rows.token, swiglu=True, x_interleaved=interleaved,
                        out_bits=down.bits if interleaved else 0)
-    return grouped_matmul(down, h, indices, tiles, out_rows=out_rows, x_interleaved=interleaved)
+    return grouped_matmul(down, h, rows.tiles, out_rows=rows.slot, x_interleaved=interleaved,
+                          row_scale=None if scores is None else scores.reshape(-1))
