@@ -550,7 +550,7 @@ CHUNK_SCAN_SOURCE = """
         pu = *reinterpret_cast<const float4*>(U + (cn * C + rb) * Dv + c0 + cb);
     };
     for (int idx = tid; idx < Dk * SL; idx += NTH)
-        Ss[idx] = HAS_STATE ? state_in[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL] : 0.f;
+        Ss[idx] = has_state[0] ? state_in[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL] : 0.f;
     load(0);
     for (int n = 0; n < N; ++n) {
         __syncthreads();  // the previous chunk is done with the shared rows
@@ -653,11 +653,13 @@ def chunked_cuda(q, k, v, g, beta, state):
         output_dtypes=[f32, f32, f32, f32],
     )
     scan_bytes = 4 * (Dk * SLICE + 3 * C * (Dk + 4) + C * (C + 4) + 2 * C * SLICE + C)
-    out, final = cuda_kernel("gdn_chunk_scan", ["q", "k", "U", "W", "attn", "G", "state_in"], ["out", "state_out"],
-                              CHUNK_SCAN_SOURCE, shared_memory=scan_bytes)(
-        inputs=[q, k, U, W, attn, G, G if state is None else state],
+    # A missing state reads as zeros through a flag, not a template argument: one build serves a prompt's first
+    # chunk and the ones that continue it (NVRTC takes ~2 s a build).
+    out, final = cuda_kernel("gdn_chunk_scan", ["q", "k", "U", "W", "attn", "G", "state_in", "has_state"],
+                              ["out", "state_out"], CHUNK_SCAN_SOURCE, shared_memory=scan_bytes)(
+        inputs=[q, k, U, W, attn, G, G if state is None else state, mx.array([state is not None], mx.int32)],
         template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("SL", SLICE), ("NTH", SCAN_THREADS),
-                  ("HAS_STATE", state is not None), ("OutT", v.dtype)],
+                  ("OutT", v.dtype)],
         grid=(Dv // SLICE * SCAN_THREADS, B * Hv, 1), threadgroup=(SCAN_THREADS, 1, 1),
         output_shapes=[(B, S, Hv, Dv), (B, Hv, Dk, Dv)],
         output_dtypes=[v.dtype, f32],
