@@ -501,7 +501,10 @@ class OracleProposer(Proposer):
     Each drafted token is an independent coin: right (the target's own greedy token) with probability alpha,
     else wrong (that token + 1). Drafting goes on past a wrong token, as a real draft would not know it erred,
     so every round verifies K+1 positions and the accepted run is the leading right tokens:
-    E[tau] = (1 - alpha^(K+1)) / (1 - alpha).
+    E[tau] = (1 - alpha^(K+1)) / (1 - alpha). The coin belongs to the position in the output, drawn once per
+    seed: runs of different K (or K chosen by the engine) with one seed see the same right and wrong drafts,
+    so their rates differ by K alone, not by luck. (A position drafted again after a rejection before it gets
+    its coin again, which no acceptance has looked at: the coins stay independent.)
 
     The continuation comes from plain decoding (S=1 forwards). A verify window (S > 1) reduces in another order
     and could break a near-tie the other way (`greedy_head` makes that rare); then the emitted text leaves the
@@ -515,6 +518,7 @@ class OracleProposer(Proposer):
         self.draft_cost_ms = draft_cost_ms  # slept per drafted token: a draft's cost the engine itself sees
         self.reference = list(reference)
         self.rng = np.random.default_rng(seed)
+        self.coins = np.zeros(0, bool)  # coins[i]: is the draft of output position i right
         self.vocab = model.config.vocab_size
         self.generated: list[int] = []  # emitted after the prompt
         self.resyncs, self.overhead = 0, 0.0
@@ -531,8 +535,9 @@ class OracleProposer(Proposer):
         if len(self.reference) < at + k:  # after a resync, or past the end
             self._recompute(max(k, RESYNC_LOOKAHEAD))
         right = self.reference[at : at + k]
-        coins = self.rng.random(k) < self.alpha
-        self._drafts = [t if ok else (t + 1) % self.vocab for t, ok in zip(right, coins)]
+        while len(self.coins) < at + k:  # drawn in blocks, in position order: the same coins for every K
+            self.coins = np.concatenate([self.coins, self.rng.random(RESYNC_LOOKAHEAD) < self.alpha])
+        self._drafts = [t if ok else (t + 1) % self.vocab for t, ok in zip(right, self.coins[at : at + k])]
         if self.draft_cost_ms and k:
             time.sleep(k * self.draft_cost_ms / 1e3)
         return mx.array(self._drafts, mx.int32), None
@@ -594,7 +599,7 @@ def measure_speculative(model: Model, prompt: list[int], opts: BenchOptions, dra
     runs = []
     for alpha in opts.alphas:
         for k in opts.draft_lengths:
-            oracle = OracleProposer(model, prompt, reference, alpha, seed=opts.seed + k)
+            oracle = OracleProposer(model, prompt, reference, alpha, seed=opts.seed)  # the same coins for all K
             out, seconds, stats = run_decode(model, prompt, opts.gen_tokens, oracle, k, opts.commit_method)
             with_cost = seconds + stats.drafted * draft_cost_ms / 1e3
             runs.append({

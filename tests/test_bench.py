@@ -111,6 +111,23 @@ def test_oracle_sets_acceptance_and_output_stays_greedy(alpha):
         assert stats.accepted == 0 and stats.tau == 1.0
 
 
+def test_oracle_coins_belong_to_positions_not_to_k():
+    """With one seed, the draft offered for an output position is right or wrong alike whatever K asks for it,
+    so runs of different K are compared on the same luck."""
+    model = tiny_model(layers=2)
+    prompt = bench.random_tokens(np.random.default_rng(1), model.config.vocab_size, 20)
+    reference = bench.greedy_continuation(model, prompt, 40)
+    short, long = (bench.OracleProposer(model, prompt, reference, 0.5, seed=7) for _ in range(2))
+    for oracle in (short, long):
+        oracle.prefill(prompt)
+    two = short.propose(reference[0], 2, None)[0].tolist()
+    eight = long.propose(reference[0], 8, None)[0].tolist()
+    assert two == eight[:2] and eight != reference[1:9]  # some wrong at alpha 0.5
+    short.commit(0, reference[1])  # rejected at once: the next round drafts from the following position
+    long.commit(0, reference[1])
+    assert short.propose(reference[1], 3, None)[0].tolist() == long.propose(reference[1], 5, None)[0].tolist()[:3]
+
+
 def test_greedy_head_gives_a_stable_successor_chain():
     cfg = bench.arch_config("tiny", 4)
     successor = np.array(bench.greedy_head(cfg, seed=0)[2])
