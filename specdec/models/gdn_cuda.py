@@ -168,7 +168,8 @@ __device__ inline void gated_norm(const OT* o, const ZT* z, const WT* norm_w, fl
     for (int m = 16; m > 0; m >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, m);
     const float inv = rsqrtf(sq / Dv + eps);
     for (int i = lane; i < Dv; i += 32) {
-        const float normed = static_cast<float>(static_cast<RT>(static_cast<float>(o[i]) * inv * static_cast<float>(norm_w[i])));
+        const float scaled = static_cast<float>(o[i]) * inv * static_cast<float>(norm_w[i]);
+        const float normed = static_cast<float>(static_cast<RT>(scaled));
         const float zf = static_cast<float>(z[i]);
         dst[i] = static_cast<DT>(normed * (zf * (1.f / (1.f + expf(-zf)))));
     }
@@ -404,7 +405,8 @@ def gated_norm(layer, o, proj):
     B, S, Hv, Dv = o.shape
     (out,) = kernel(
         inputs=[o, proj, layer.norm.weight, mx.array([layer.norm.eps], mx.float32)],
-        template=[("Dv", Dv), ("Hv", Hv), ("ZO", layer.offsets["z"]), ("RT", _promote(o.dtype, layer.norm.weight.dtype))],
+        template=[("Dv", Dv), ("Hv", Hv), ("ZO", layer.offsets["z"]),
+                  ("RT", _promote(o.dtype, layer.norm.weight.dtype))],
         grid=(-(-B * S * Hv // 8) * 256, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(B, S, Hv * Dv)], output_dtypes=[o.dtype],
     )

@@ -177,8 +177,9 @@ SOURCE = """
 # rows of that expert's matrix (8 warps of 16). Row i reads x[x_rows[i]] (GATHER) and writes out[out_rows[i]]
 # (SCATTER), times row_scale[out_rows[i]] (SCALED: the router's score). SWIGLU: the matrix is [gate; up] (2I rows)
 # and the output is silu(x . gate) * (x . up) [P, I]: a warp's A rows are 8 gate rows and the 8 up rows of the
-# same columns, so both halves of a product land in the same lane. The block's weights and x tile go through shared memory one quantization group at a time, STAGES
-# groups in flight (cp.async): loads from one warp would wait on memory between every group.
+# same columns, so both halves of a product land in the same lane. The block's weights and x tile go through
+# shared memory one quantization group at a time, STAGES groups in flight (cp.async): loads from one warp would
+# wait on memory between every group.
 GROUPED_SOURCE = """
     constexpr int WARPS = 8, ROWS = 16 * WARPS, GROUPS = K / GS, TOK = 8 * NT;
     constexpr int WPT = GS * BITS / 128, WPG = 4 * WPT, XPT = GS / 4;  // as in the token kernel; WPG: words a row a group
@@ -296,8 +297,9 @@ GROUPED_SOURCE = """
                 if (f < OUT) out[row * OUT + fo] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
             } else if (SCALED) {  // each output, rounded as the unweighted product would be, times its row's score
                 const float s = row_scale[row];
-                if (f < N) out[row * N + f] = static_cast<T>(s * static_cast<float>(static_cast<T>(acc[nt][c])));
-                if (f + 8 < N) out[row * N + f + 8] = static_cast<T>(s * static_cast<float>(static_cast<T>(acc[nt][2 + c])));
+                auto scaled = [&](float v) { return static_cast<T>(s * static_cast<float>(static_cast<T>(v))); };
+                if (f < N) out[row * N + f] = scaled(acc[nt][c]);
+                if (f + 8 < N) out[row * N + f + 8] = scaled(acc[nt][2 + c]);
             } else {
                 if (f < N) out[row * N + f] = static_cast<T>(acc[nt][c]);
                 if (f + 8 < N) out[row * N + f + 8] = static_cast<T>(acc[nt][2 + c]);
