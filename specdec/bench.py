@@ -535,8 +535,8 @@ class OracleProposer(Proposer):
         if len(self.reference) < at + k:  # after a resync, or past the end
             self._recompute(max(k, RESYNC_LOOKAHEAD))
         right = self.reference[at : at + k]
-        while len(self.coins) < at + k:  # drawn in blocks, in position order: the same coins for every K
-            self.coins = np.concatenate([self.coins, self.rng.random(RESYNC_LOOKAHEAD) < self.alpha])
+        if len(self.coins) < at + k:  # drawn in position order from one stream: the same coins for every K
+            self.coins = np.concatenate([self.coins, self.rng.random(at + k - len(self.coins)) < self.alpha])
         self._drafts = [t if ok else (t + 1) % self.vocab for t, ok in zip(right, self.coins[at : at + k])]
         if self.draft_cost_ms and k:
             time.sleep(k * self.draft_cost_ms / 1e3)
