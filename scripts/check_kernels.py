@@ -138,7 +138,7 @@ def check_prefill():
             conv_in = mx.concatenate([carried, qkv], axis=1)
             z = z.reshape(o.shape)
             mx.eval(proj, conv_in, z, b, a, o)
-            cases = {"inputs": (lambda: gdn_cuda.prep(layer, conv_in, proj),
+            cases = {"inputs": (lambda: gdn_cuda.prep(layer, carried, proj),
                                 lambda: layer.recurrence_inputs(conv_in, b, a)),
                      "gated norm": (lambda: [gdn_cuda.gated_norm(layer, o, proj)],
                                     lambda: [layer.norm(o, z).reshape(1, S, -1)])}
@@ -251,7 +251,8 @@ def check_grouped():
                     gate, up = mx.split(want, 2, axis=-1)
                     expected = gate * mx.sigmoid(gate) * up
                     mlx_ms = timed(lambda: (lambda g, u: g * mx.sigmoid(g) * u)(*mx.split(mlx(), 2, axis=-1)), 10)
-                run = lambda: qmm_cuda.grouped_matmul(layer, h, idx, swiglu=swiglu, shape=shape)
+                tiles = qmm_cuda.expert_tiles(idx, w.shape[0], shape[0])
+                run = lambda: qmm_cuda.grouped_matmul(layer, h, tiles, swiglu=swiglu, shape=shape)
                 err = rel_err(run()[rows], expected)
                 ok = ok and err <= 1e-2
                 t_g = timed(run, 10)

@@ -116,10 +116,11 @@ class GDNCache:
     def begin_window(self):
         self._window = {"state": self.state, "conv_in": [], "tape": [], "states": [], "tokens": 0}
 
-    def advance(self, conv_in, final_state, S: int, tape=None, states=None):
+    def advance(self, conv_in, final_state, S: int, tape=None, states=None, conv_state=None):
         """Called by the GDN layer after each forward of S tokens with what it consumed and produced: the conv
         inputs (carried, then new), the final state, and what a commit needs (the recurrence inputs, or the
-        per-step states)."""
+        per-step states). Outside a window conv_in may be None: the new conv state is then `conv_state`, the
+        last kernel-1 conv inputs (S >= kernel-1)."""
         w = self._window
         if w is not None:
             w["kernel_1"] = conv_in.shape[1] - S
@@ -129,7 +130,7 @@ class GDNCache:
                 w["states"].append(states)
             else:
                 w["tape"].append(tape)
-        self.conv_state = conv_in[:, S:]
+        self.conv_state = conv_in[:, S:] if conv_in is not None else conv_state
         self.state = final_state
         self.offset += S
 

@@ -260,11 +260,13 @@ def test_prefills_take_the_prefill_kernels_with_their_contracts(tiny, monkeypatc
     calls = []
 
     def parts(layer, proj):
-        return {name: layer.part(proj, name) for name in ("z", "b", "a")}
+        return {name: layer.part(proj, name) for name in ("qkv", "z", "b", "a")}
 
-    def prep(layer, conv_in, proj):
-        calls.append(("prep", conv_in.shape[1] - (layer.kernel - 1), proj.shape))
+    def prep(layer, carried, proj):
+        calls.append(("prep", carried, proj.shape))
         p = parts(layer, proj)
+        before = mx.zeros((1, layer.kernel - 1, layer.conv_dim), proj.dtype) if carried is None else carried
+        conv_in = mx.concatenate([before, p["qkv"]], axis=1)
         return layer.recurrence_inputs(conv_in, p["b"], p["a"])
 
     def gated_norm(layer, o, proj):
@@ -279,8 +281,22 @@ def test_prefills_take_the_prefill_kernels_with_their_contracts(tiny, monkeypatc
     layer = next(l.linear_attn for l in model.model.layers if "linear_attn" in l)
     proj = (1, 40, layer.in_proj[0].weight.shape[0])
     o = (1, 40, layer.Hv, layer.Dv)
-    assert calls == [("prep", 40, proj), ("norm", o, proj)] * model.layer_types.count("linear_attention")
+    assert calls == [("prep", None, proj), ("norm", o, proj)] * model.layer_types.count("linear_attention")
     assert mx.array_equal(got, want).item()
+    # in two parts: the second reads the conv inputs the first left in the cache (no [carried, qkv] was built)
+    calls.clear()
+    cache, longer = make_cache(model), mx.array([random_prompt(80, seed=5)])
+    want = model.forward(longer, make_cache(model))
+    model.forward(longer[:, :40], cache)
+    assert kernels.close(model.forward(longer[:, 40:], cache), want[:, 40:], 1e-2)
+    gdn_layers = model.layer_types.count("linear_attention")
+    assert [c[1] is None for c in calls if c[0] == "prep"] == [True] * 2 * gdn_layers + [False] * gdn_layers
+    monkeypatch.setattr(kernels, "ready", lambda name: False)  # the operations' conv state after the first part
+    ops_cache = make_cache(model)
+    model.forward(longer[:, :40], ops_cache)
+    last_gdn = max(i for i, t in enumerate(model.layer_types) if t == "linear_attention")
+    assert mx.array_equal(calls[-2][1], ops_cache[last_gdn].conv_state).item()
+    monkeypatch.setattr(kernels, "ready", lambda name: name == "gdn_prefill")
     calls.clear()
     model.forward(tokens[:, :8], make_cache(model))  # a window of the token loop's length
     assert calls == []

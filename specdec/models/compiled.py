@@ -56,7 +56,8 @@ class _TracedGDN:
         self.wants_states, self.wants_tape = wants
         self.produced = None
 
-    def advance(self, conv_in, final_state, S, tape=None, states=None):
+    def advance(self, conv_in, final_state, S, tape=None, states=None, conv_state=None):
+        # a compiled step's windows (at most MAX_TOKENS) always build their conv inputs: conv_state is unused
         self.produced = (conv_in, final_state, tuple(tape or ()), (states,) if states is not None else ())
 
 

@@ -320,8 +320,12 @@ def mixer(layer, conv_in, proj, state, keep_states, keep_tape=False):
 PREP_SOURCE = """
     constexpr int C = 2 * Hk * Dk + Hv * Dv, UNITS = 2 * Hk + Hv, MAXR = (Dk > Dv ? Dk : Dv) / 32;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-    const int S = proj_shape[1], P = proj_shape[2], L = conv_in_shape[1], bt = blockIdx.x, bi = bt / S, t = bt % S;
-    const T* x = conv_in + ((size_t)bi * L + t) * C;   // row t of the conv window: tokens t .. t + K - 1
+    const int S = proj_shape[1], P = proj_shape[2], bt = blockIdx.x, bi = bt / S, t = bt % S;
+    // token t's conv window: rows t .. t + K - 1 of [the K - 1 carried rows (zeros without), this window's qkv]
+    auto conv_row = [&](int r, int ch) -> T {
+        if (r >= K - 1) return proj[((size_t)bi * S + r - (K - 1)) * P + QO + ch];
+        return has_carried[0] ? carried[((size_t)bi * (K - 1) + r) * C + ch] : static_cast<T>(0.f);
+    };
     for (int u = warp; u < UNITS; u += warps) {
         const bool is_v = u >= 2 * Hk;
         const int D = is_v ? Dv : Dk, base = is_v ? 2 * Hk * Dk + (u - 2 * Hk) * Dv : u * Dk;
@@ -330,7 +334,10 @@ PREP_SOURCE = """
         for (int r = 0; r < MAXR; ++r) {
             if (r * 32 >= D) break;
             const int ch = base + r * 32 + lane;
-            y[r] = conv_silu<K, CT>(x + ch, C, conv_w + ch * K);
+            T x[K];
+            #pragma unroll
+            for (int i = 0; i < K; ++i) x[i] = conv_row(t + i, ch);
+            y[r] = conv_silu<K, CT>(x, 1, conv_w + ch * K);
             ss += y[r] * y[r];
         }
         if (is_v) {
@@ -364,20 +371,22 @@ def prefill_usable(layer) -> bool:
             and layer.Dv <= 256)
 
 
-def prep(layer, conv_in, proj):
-    """GatedDeltaNet.recurrence_inputs of `layer` in one kernel: conv_in [B, kernel-1+S, C], proj [B, S, P] (the
-    input projection, whose b and a parts it reads) -> q, k [B, S, Hk, Dk] float32 (normalized, q scaled),
-    v [B, S, Hv, Dv] in the conv's dtype, g and beta [B, S, Hv] float32."""
-    kernel = cuda_kernel("gdn_prep", ["conv_in", "proj", "conv_w", "A_log", "dt_bias"],
+def prep(layer, carried, proj):
+    """GatedDeltaNet.recurrence_inputs of `layer` in one kernel, from the conv inputs carried from before
+    (carried [B, kernel-1, C], or None for zeros) and proj [B, S, P], the input projection, whose qkv, b and a parts
+    it reads (no [carried, qkv] copy) -> q, k [B, S, Hk, Dk] float32 (normalized, q scaled), v [B, S, Hv, Dv] in
+    the conv's dtype, g and beta [B, S, Hv] float32."""
+    kernel = cuda_kernel("gdn_prep", ["carried", "has_carried", "proj", "conv_w", "A_log", "dt_bias"],
                          ["q_out", "k_out", "v_out", "g_out", "beta_out"], PREP_SOURCE, header=INPUTS_HEADER)
     B, S, _ = proj.shape
     Hk, Hv, Dk, Dv = layer.Hk, layer.Hv, layer.Dk, layer.Dv
-    ct = _promote(conv_in.dtype, layer.conv1d.weight.dtype)
+    ct = _promote(proj.dtype, layer.conv1d.weight.dtype)
     f32 = mx.float32
     return kernel(
-        inputs=[conv_in, proj, layer.conv1d.weight, layer.A_log, layer.dt_bias],
-        template=[("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", layer.kernel), ("BO", layer.offsets["b"]),
-                  ("AO", layer.offsets["a"]), ("T", conv_in.dtype), ("CT", ct)],
+        inputs=[proj if carried is None else carried, mx.array([carried is not None], mx.int32), proj,
+                layer.conv1d.weight, layer.A_log, layer.dt_bias],
+        template=[("Dk", Dk), ("Dv", Dv), ("Hk", Hk), ("Hv", Hv), ("K", layer.kernel), ("QO", layer.offsets["qkv"]),
+                  ("BO", layer.offsets["b"]), ("AO", layer.offsets["a"]), ("T", proj.dtype), ("CT", ct)],
         grid=(256 * B * S, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(B, S, Hk, Dk), (B, S, Hk, Dk), (B, S, Hv, Dv), (B, S, Hv), (B, S, Hv)],
         output_dtypes=[f32, f32, ct, f32, f32],
@@ -427,15 +436,15 @@ def gated_norm(layer, o, proj):
 # Everything is float32, as in the operations; only the order of the sums differs.
 
 CHUNK_PREP_SOURCE = """
-    constexpr int NTH = 256, PER = C / 32, DKP = Dk + 1, XS = Dv + Dk, TS = C / 16;
+    constexpr int NTH = 256, PER = C / 32, DKP = Dk + 4, XS = Dv + Dk, TS = C / 16, AS = C + 4;
     const int n = blockIdx.x, N = gridDim.x, bh = blockIdx.y, tid = threadIdx.x, lane = tid & 31;
     const int b = bh / Hv, h = bh % Hv, S = v_shape[1], Hk = k_shape[2], kh = h / (Hv / Hk), T0 = n * C;
     const size_t cn = (size_t)bh * N + n;
     extern __shared__ float smem[];
-    float* Ks = smem;                  // [C][Dk + 1]: this chunk's k rows (zeros past S)
-    float* Qs = Ks + C * DKP;          // [C][Dk + 1]: q rows
-    float* Am = Qs + C * DKP;          // [C][C + 1]: A
-    float* X = Am + C * (C + 1);       // [C][Dv + Dk]: the right-hand sides beta v | beta exp(G) k, then U | W
+    float* Ks = smem;                  // [C][Dk + 4]: this chunk's k rows (zeros past S), 16-byte aligned
+    float* Qs = Ks + C * DKP;          // [C][Dk + 4]: q rows
+    float* Am = Qs + C * DKP;          // [C][C + 4]: A (rows 16-byte aligned: the solve reads four at a time)
+    float* X = Am + C * AS;            // [C][Dv + Dk]: the right-hand sides beta v | beta exp(G) k
     float* Gs = X + C * XS;            // [C]: G
     float* Bs = Gs + C;                // [C]: beta
     if (tid < 32) {  // G: inclusive scan of g, PER tokens a lane; padded tokens have g = beta = 0 (no-op steps)
@@ -471,20 +480,37 @@ CHUNK_PREP_SOURCE = """
         X[idx] = c < Dv ? (t < S ? Bs[r] * static_cast<float>(v[(((size_t)b * S + t) * Hv + h) * Dv + c]) : 0.f)
                         : Bs[r] * expf(Gs[r]) * Ks[r * DKP + c - Dv];
     }
-    // A and attn in TS x TS tiles, 16 x 16 of them, one a thread (tiles above the diagonal are zeros)
+    // A and attn in TS x TS tiles, 16 x 16 of them, one a thread: the 136 on and below the diagonal go to the first
+    // threads (whole warps of them; the rest only write the zeros above), each row read four k values at a time
     for (int tile = tid; tile < 16 * 16; tile += NTH) {
-        const int r0 = (tile / 16) * TS, j0 = (tile % 16) * TS;
+        constexpr int LOWER = 16 * 17 / 2;
+        const bool lower = tile < LOWER;
+        const int t = lower ? tile : tile - LOWER;  // the t-th tile of the triangle with (lower) or without the diagonal
+        auto first = [&](int R) { return lower ? R * (R + 1) / 2 : R * (R - 1) / 2; };  // its row R's first tile
+        int R = lower ? 0 : 1;
+        while (R < 15 && first(R + 1) <= t) ++R;
+        const int J = t - first(R);                 // J <= R (lower), J < R (above: the tile (J, R))
+        const int r0 = (lower ? R : J) * TS, j0 = (lower ? J : R) * TS;
         float kk[TS][TS] = {}, qk[TS][TS] = {};
-        if (j0 <= r0) {
-            #pragma unroll 4
-            for (int i = 0; i < Dk; ++i) {
-                float kr[TS], qr[TS], kj[TS];
+        if (lower) {
+            #pragma unroll 2
+            for (int i = 0; i < Dk; i += 4) {
+                float4 kr[TS], qr[TS], kj[TS];
                 #pragma unroll
-                for (int a = 0; a < TS; ++a) { kr[a] = Ks[(r0 + a) * DKP + i]; qr[a] = Qs[(r0 + a) * DKP + i]; kj[a] = Ks[(j0 + a) * DKP + i]; }
+                for (int a = 0; a < TS; ++a) {
+                    kr[a] = *reinterpret_cast<const float4*>(Ks + (r0 + a) * DKP + i);
+                    qr[a] = *reinterpret_cast<const float4*>(Qs + (r0 + a) * DKP + i);
+                    kj[a] = *reinterpret_cast<const float4*>(Ks + (j0 + a) * DKP + i);
+                }
                 #pragma unroll
                 for (int a = 0; a < TS; ++a)
                     #pragma unroll
-                    for (int e = 0; e < TS; ++e) { kk[a][e] += kr[a] * kj[e]; qk[a][e] += qr[a] * kj[e]; }
+                    for (int e = 0; e < TS; ++e) {
+                        kk[a][e] += kr[a].x * kj[e].x; kk[a][e] += kr[a].y * kj[e].y;
+                        kk[a][e] += kr[a].z * kj[e].z; kk[a][e] += kr[a].w * kj[e].w;
+                        qk[a][e] += qr[a].x * kj[e].x; qk[a][e] += qr[a].y * kj[e].y;
+                        qk[a][e] += qr[a].z * kj[e].z; qk[a][e] += qr[a].w * kj[e].w;
+                    }
             }
         }
         #pragma unroll
@@ -493,37 +519,43 @@ CHUNK_PREP_SOURCE = """
             for (int e = 0; e < TS; ++e) {
                 const int r = r0 + a, j = j0 + e;
                 const float decay = j <= r ? expf(Gs[r] - Gs[j]) : 0.f;
-                Am[r * (C + 1) + j] = j < r ? Bs[r] * kk[a][e] * decay : 0.f;
+                Am[r * AS + j] = j < r ? Bs[r] * kk[a][e] * decay : 0.f;
                 attn[(cn * C + r) * C + j] = j <= r ? qk[a][e] * decay : 0.f;
             }
     }
     __syncthreads();
-    for (int c = tid; c < XS; c += NTH) {  // (I + A) X = rhs, row by row; each thread its own column
+    for (int c = tid; c < XS; c += NTH) {  // (I + A) X = rhs, row by row; each thread its own column, in registers
+        float x[C];
+        #pragma unroll
         for (int r = 0; r < C; ++r) {
             float acc[4] = {X[r * XS + c], 0.f, 0.f, 0.f};
-            int j = 0;
-            for (; j + 3 < r; j += 4) {
-                #pragma unroll
-                for (int u = 0; u < 4; ++u) acc[u] -= Am[r * (C + 1) + j + u] * X[(j + u) * XS + c];
+            #pragma unroll
+            for (int j = 0; j < r / 4 * 4; j += 4) {
+                const float4 a = *reinterpret_cast<const float4*>(Am + r * AS + j);
+                acc[0] -= a.x * x[j]; acc[1] -= a.y * x[j + 1]; acc[2] -= a.z * x[j + 2]; acc[3] -= a.w * x[j + 3];
             }
-            for (; j < r; ++j) acc[0] -= Am[r * (C + 1) + j] * X[j * XS + c];
-            const float x = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-            X[r * XS + c] = x;
-            if (c < Dv) U[(cn * C + r) * Dv + c] = x; else W[(cn * C + r) * Dk + c - Dv] = x;
+            #pragma unroll
+            for (int j = r / 4 * 4; j < r; ++j) acc[0] -= Am[r * AS + j] * x[j];
+            x[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            if (c < Dv) U[(cn * C + r) * Dv + c] = x[r]; else W[(cn * C + r) * Dk + c - Dv] = x[r];
         }
     }
 """
 
 # One block per (head, SL state columns), NTH threads, chunk after chunk. The next chunk's q, k, W, attn and U
 # are loaded into registers while this one computes (the loop is bound by memory latency otherwise); the
-# decays are applied to dot products and to d, not to the loaded rows, so those copy as they are.
+# decays are applied to dot products and to d, not to the loaded rows, so those copy as they are. Only d and
+# the state carry from chunk to chunk, so the block works in two halves: one computes d = U - W S and then the
+# next state, the other q S and then the output, each at the same time as the other.
 CHUNK_SCAN_SOURCE = """
-    constexpr int TPR = NTH / C, CB = SL / TPR, TPI = NTH / Dk, CS = SL / TPI;
-    constexpr int DKP = Dk + 4, CP = C + 4;                      // padded rows, still 16-byte aligned
-    constexpr int LQ = C * Dk / 4 / NTH, LA = C * C / 4 / NTH;   // float4 loads a thread, per matrix
-    static_assert(CB == 4 && CS % 4 == 0 && LQ * 4 * NTH == C * Dk && LA * 4 * NTH == C * C, "layout");
+    constexpr int HALF = NTH / 2, TPR = HALF / C, CB = SL / TPR, TPI = HALF / Dk, CS = SL / TPI;
+    constexpr int DKP = Dk + 4, CP = C + 4;                 // padded rows, still 16-byte aligned
+    constexpr int LQ = C * Dk / 4 / NTH, LA = C * C / 4;    // float4 loads a thread per q, k, W row block; attn's
+    static_assert(CB == 4 && CS % 4 == 0 && LQ * 4 * NTH == C * Dk && LA <= NTH && HALF % 32 == 0, "layout");
     const int bh = blockIdx.y, c0 = blockIdx.x * SL, tid = threadIdx.x;
     const int b = bh / Hv, h = bh % Hv, S = q_shape[1], Hk = q_shape[2], kh = h / (Hv / Hk), N = G_shape[1];
+    const bool dside = tid < HALF;                          // this thread's half: d and the state, or the output
+    const int ht = tid % HALF;
     extern __shared__ float4 smem4[];
     float* Ss = reinterpret_cast<float*>(smem4);  // [Dk][SL]: this block's columns of the state
     float* Qs = Ss + Dk * SL;          // [C][DKP]: q
@@ -534,9 +566,9 @@ CHUNK_SCAN_SOURCE = """
     float* De = Dm + C * SL;           // [C][SL]: exp(G_last - G_j) d_j
     float* Gs = De + C * SL;           // [C]: G
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-    float4 pq[LQ], pk[LQ], pw[LQ], pa[LA], pu;
-    const int rb = tid / TPR, cb = (tid % TPR) * CB;   // this thread's row of d and o, and its 4 columns
-    const int is = tid / TPI, cs = (tid % TPI) * CS;   // its row of the state, and its columns
+    float4 pq[LQ], pk[LQ], pw[LQ], pa = zero, pu = zero;
+    const int rb = ht / TPR, cb = (ht % TPR) * CB;   // this thread's row of d (or of q S and o), and its 4 columns
+    const int is = ht / TPI, cs = (ht % TPI) * CS;   // (d side) its row of the state, and its columns
     auto load = [&](int n) {
         const size_t cn = (size_t)bh * N + n;
         #pragma unroll
@@ -547,9 +579,8 @@ CHUNK_SCAN_SOURCE = """
             pk[l] = t < S ? *reinterpret_cast<const float4*>(k + src) : zero;
             pw[l] = *reinterpret_cast<const float4*>(W + cn * C * Dk + 4 * f);
         }
-        #pragma unroll
-        for (int l = 0; l < LA; ++l) pa[l] = *reinterpret_cast<const float4*>(attn + cn * C * C + 4 * (tid + l * NTH));
-        pu = *reinterpret_cast<const float4*>(U + (cn * C + rb) * Dv + c0 + cb);
+        if (tid < LA) pa = *reinterpret_cast<const float4*>(attn + cn * C * C + 4 * tid);
+        if (dside) pu = *reinterpret_cast<const float4*>(U + (cn * C + rb) * Dv + c0 + cb);
     };
     for (int idx = tid; idx < Dk * SL; idx += NTH)
         Ss[idx] = has_state[0] ? state_in[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL] : 0.f;
@@ -563,62 +594,66 @@ CHUNK_SCAN_SOURCE = """
             *reinterpret_cast<float4*>(Ks + r * DKP + i) = pk[l];
             *reinterpret_cast<float4*>(Ws + r * DKP + i) = pw[l];
         }
-        #pragma unroll
-        for (int l = 0; l < LA; ++l) {
-            const int f = tid + l * NTH, r = f / (C / 4), j = (f % (C / 4)) * 4;
-            *reinterpret_cast<float4*>(At + r * CP + j) = pa[l];
-        }
+        if (tid < LA) *reinterpret_cast<float4*>(At + (tid / (C / 4)) * CP + (tid % (C / 4)) * 4) = pa;
         const float4 u = pu;
         if (tid < C) Gs[tid] = G[((size_t)bh * N + n) * C + tid];
         __syncthreads();
         if (n + 1 < N) load(n + 1);
         const float Glast = Gs[C - 1];
-        // d = U - W S and q S for row rb, columns cb .. cb + 3
-        float4 d = zero, o = zero;
-        #pragma unroll 4
-        for (int i = 0; i < Dk; ++i) {
-            const float w = Ws[rb * DKP + i], qq = Qs[rb * DKP + i];
-            const float4 s = *reinterpret_cast<const float4*>(Ss + i * SL + cb);
-            d.x += w * s.x; d.y += w * s.y; d.z += w * s.z; d.w += w * s.w;
-            o.x += qq * s.x; o.y += qq * s.y; o.z += qq * s.z; o.w += qq * s.w;
-        }
-        d = make_float4(u.x - d.x, u.y - d.y, u.z - d.z, u.w - d.w);
-        const float eq = expf(Gs[rb]), ek = expf(Glast - Gs[rb]);
-        *reinterpret_cast<float4*>(Dm + rb * SL + cb) = d;
-        *reinterpret_cast<float4*>(De + rb * SL + cb) = make_float4(ek * d.x, ek * d.y, ek * d.z, ek * d.w);
-        o = make_float4(eq * o.x, eq * o.y, eq * o.z, eq * o.w);
-        __syncthreads();
-        // o = exp(G) q S + attn d
-        for (int j = 0; j <= rb; ++j) {
-            const float a = At[rb * CP + j];
-            const float4 dj = *reinterpret_cast<const float4*>(Dm + j * SL + cb);
-            o.x += a * dj.x; o.y += a * dj.y; o.z += a * dj.z; o.w += a * dj.w;
-        }
-        const int t = n * C + rb;
-        if (t < S) {
-            OutT* dst = out + (((size_t)b * S + t) * Hv + h) * Dv + c0 + cb;
-            dst[0] = static_cast<OutT>(o.x); dst[1] = static_cast<OutT>(o.y);
-            dst[2] = static_cast<OutT>(o.z); dst[3] = static_cast<OutT>(o.w);
-        }
-        // S = exp(G_last) S + k^T (exp(G_last - G) d): row is, columns cs .. cs + CS - 1 (this thread's alone)
-        const float chunk_decay = expf(Glast);
-        float4 acc[CS / 4];
-        #pragma unroll
-        for (int c = 0; c < CS / 4; ++c) {
-            const float4 s = *reinterpret_cast<const float4*>(Ss + is * SL + cs + 4 * c);
-            acc[c] = make_float4(chunk_decay * s.x, chunk_decay * s.y, chunk_decay * s.z, chunk_decay * s.w);
-        }
-        #pragma unroll 4
-        for (int j = 0; j < C; ++j) {
-            const float kk = Ks[j * DKP + is];
+        // W S (d side) or q S, row rb, columns cb .. cb + 3; w and q four at a time (shared memory bound)
+        const float* rows = dside ? Ws : Qs;
+        float4 p = zero;
+        #pragma unroll 2
+        for (int i = 0; i < Dk; i += 4) {
+            const float4 a4 = *reinterpret_cast<const float4*>(rows + rb * DKP + i);
+            const float au[4] = {a4.x, a4.y, a4.z, a4.w};
             #pragma unroll
-            for (int c = 0; c < CS / 4; ++c) {
-                const float4 e = *reinterpret_cast<const float4*>(De + j * SL + cs + 4 * c);
-                acc[c].x += kk * e.x; acc[c].y += kk * e.y; acc[c].z += kk * e.z; acc[c].w += kk * e.w;
+            for (int v = 0; v < 4; ++v) {
+                const float4 s = *reinterpret_cast<const float4*>(Ss + (i + v) * SL + cb);
+                p.x += au[v] * s.x; p.y += au[v] * s.y; p.z += au[v] * s.z; p.w += au[v] * s.w;
             }
         }
-        #pragma unroll
-        for (int c = 0; c < CS / 4; ++c) *reinterpret_cast<float4*>(Ss + is * SL + cs + 4 * c) = acc[c];
+        if (dside) {  // d = U - W S
+            const float ek = expf(Glast - Gs[rb]);
+            const float4 d = make_float4(u.x - p.x, u.y - p.y, u.z - p.z, u.w - p.w);
+            *reinterpret_cast<float4*>(Dm + rb * SL + cb) = d;
+            *reinterpret_cast<float4*>(De + rb * SL + cb) = make_float4(ek * d.x, ek * d.y, ek * d.z, ek * d.w);
+        }
+        __syncthreads();
+        if (dside) {  // S = exp(G_last) S + k^T (exp(G_last - G) d): row is, columns cs .. cs + CS - 1 (this thread's)
+            const float chunk_decay = expf(Glast);
+            float4 acc[CS / 4];
+            #pragma unroll
+            for (int c = 0; c < CS / 4; ++c) {
+                const float4 s = *reinterpret_cast<const float4*>(Ss + is * SL + cs + 4 * c);
+                acc[c] = make_float4(chunk_decay * s.x, chunk_decay * s.y, chunk_decay * s.z, chunk_decay * s.w);
+            }
+            #pragma unroll 4
+            for (int j = 0; j < C; ++j) {
+                const float kk = Ks[j * DKP + is];
+                #pragma unroll
+                for (int c = 0; c < CS / 4; ++c) {
+                    const float4 e = *reinterpret_cast<const float4*>(De + j * SL + cs + 4 * c);
+                    acc[c].x += kk * e.x; acc[c].y += kk * e.y; acc[c].z += kk * e.z; acc[c].w += kk * e.w;
+                }
+            }
+            #pragma unroll
+            for (int c = 0; c < CS / 4; ++c) *reinterpret_cast<float4*>(Ss + is * SL + cs + 4 * c) = acc[c];
+        } else {  // o = exp(G) q S + attn d
+            const float eq = expf(Gs[rb]);
+            float4 o = make_float4(eq * p.x, eq * p.y, eq * p.z, eq * p.w);
+            for (int j = 0; j <= rb; ++j) {
+                const float a = At[rb * CP + j];
+                const float4 dj = *reinterpret_cast<const float4*>(Dm + j * SL + cb);
+                o.x += a * dj.x; o.y += a * dj.y; o.z += a * dj.z; o.w += a * dj.w;
+            }
+            const int t = n * C + rb;
+            if (t < S) {
+                OutT* dst = out + (((size_t)b * S + t) * Hv + h) * Dv + c0 + cb;
+                dst[0] = static_cast<OutT>(o.x); dst[1] = static_cast<OutT>(o.y);
+                dst[2] = static_cast<OutT>(o.z); dst[3] = static_cast<OutT>(o.w);
+            }
+        }
     }
     __syncthreads();
     for (int idx = tid; idx < Dk * SL; idx += NTH)
@@ -629,7 +664,7 @@ CHUNK_SCAN_SOURCE = """
 # kernels, chunks of 64 0.63-0.69 ms (the prep then needs 149 KB of shared memory, one block an SM).
 CHUNK = 32  # tokens per chunk
 SLICE = 32  # state columns per scan block: 4 blocks a 128-column head, one wave of blocks on an H100
-SCAN_THREADS = 256
+SCAN_THREADS = 512
 
 
 def chunked_usable(Dk: int, Dv: int) -> bool:
@@ -645,7 +680,7 @@ def chunked_cuda(q, k, v, g, beta, state):
     C, N = CHUNK, -(-S // CHUNK)
     f32 = mx.float32
     q, k = q.astype(f32), k.astype(f32)  # the scan reads them as float4 (the layer gives float32 already)
-    prep_bytes = 4 * (2 * C * (Dk + 1) + C * (C + 1) + C * (Dv + Dk) + 2 * C)
+    prep_bytes = 4 * (2 * C * (Dk + 4) + C * (C + 4) + C * (Dv + Dk) + 2 * C)
     U, W, attn, G = cuda_kernel("gdn_chunk_prep", ["q", "k", "v", "g", "beta"], ["U", "W", "attn", "G_out"],
                                  CHUNK_PREP_SOURCE, shared_memory=prep_bytes)(
         inputs=[q, k, v, g, beta],

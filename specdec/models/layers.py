@@ -30,7 +30,11 @@ class QuantizedLinear(nn.QuantizedLinear):
         if qmm_cuda.usable(self, x) and kernels.ready("qmm"):
             return qmm_cuda.matmul(self, x)
         if self.use_dequantized(x):
-            w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits, mode=self.mode)
+            if kernels.ready("qmm") and qmm_cuda.dequantize_usable(self):
+                w = qmm_cuda.dequantize(self)
+            else:
+                w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
+                                  mode=self.mode)
             y = x @ w.T
             return y + self.bias if "bias" in self else y
         return super().__call__(x)
@@ -323,7 +327,7 @@ kernels.register("moe", _moe_self_check)
 
 def _qmm_self_check() -> bool:
     """The tensor-core matmul against float32 arithmetic on dequantized weights: 4- and 8-bit, 3 and 11 tokens,
-    a K split between warps (few rows) and none (many); and the grouped form, 4- and 8-bit, rows sorted over
+    a K split between warps (few rows) and none (many); the dequantized matrix against MLX's; and the grouped form, 4- and 8-bit, rows sorted over
     uneven experts, plain, through row indices, scaled, with the SwiGLU of gate and up, and with x interleaved as
     a prefill passes it."""
     keys = iter(mx.random.split(mx.random.key(2), 16))
@@ -338,6 +342,9 @@ def _qmm_self_check() -> bool:
             error = mx.abs(got.astype(mx.float32) - want).max().item()
             raise ValueError(f"{bits}-bit, {rows} rows, {tokens} tokens: max error {error:.3g} "
                              f"of {mx.abs(want).max().item():.3g}")
+        dequantized = mx.dequantize(linear.weight, linear.scales, linear.biases, 64, bits)
+        if not kernels.close(qmm_cuda.dequantize(linear), dequantized, 1e-2):
+            raise ValueError(f"{bits}-bit dequantized matrix differs from MLX's")
     idx = mx.array([0] * 3 + [1] * 17 + [3] * 40 + [4], mx.int32)  # 1, 2, 3 tiles; expert 2 unused
     x = mx.random.normal((idx.size, 1024), key=next(keys)).astype(mx.bfloat16)
     shuffle = mx.random.permutation(idx.size, key=next(keys)).astype(mx.uint32)

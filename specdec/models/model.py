@@ -92,6 +92,7 @@ class GatedDeltaNet(nn.Module):
         keep_states = cache is not None and cache.wants_states
         keep_tape = cache is not None and cache.wants_tape
         short = S <= RECURRENT_MAX_TOKENS
+        conv_state = None  # the new conv state, where no conv_in is built
         if short and kernels.ready("gdn_mixer") and gdn_cuda.mixer_usable(self):
             proj = self.in_proj[0](x)
             conv_in = self.conv_input(cache, self.part(proj, "qkv"))
@@ -99,18 +100,21 @@ class GatedDeltaNet(nn.Module):
                 state = mx.zeros((B, self.Hv, self.Dk, self.Dv), mx.float32)
             out, final, states, tape = gdn_cuda.mixer(self, conv_in, proj, state, keep_states, keep_tape)
         elif not (short or keep_states) and kernels.ready("gdn_prefill") and gdn_cuda.prefill_usable(self):
-            # a prefill: the recurrence inputs and the gated norm each one kernel, the chunked recurrence between
+            # a prefill: the recurrence inputs and the gated norm each one kernel, the chunked recurrence between;
+            # prep reads the conv inputs where they are, so [carried, qkv] is built only for a window's commit
             proj = self.in_proj[0](x)
-            conv_in = self.conv_input(cache, self.part(proj, "qkv"))
-            q, k, v, g, beta = gdn_cuda.prep(self, conv_in, proj)
+            qkv = self.part(proj, "qkv")
+            q, k, v, g, beta = gdn_cuda.prep(self, cache.conv_state if cache is not None else None, proj)
             out, final = gdn(q, k, v, g, beta, state)
             out, tape, states = gdn_cuda.gated_norm(self, out, proj), (k, v, g, beta), None
+            conv_in = self.conv_input(cache, qkv) if keep_tape else None
+            conv_state = qkv[:, S - (self.kernel - 1) :]
         else:
             qkv, z, b, a = self.project(x)
             conv_in = self.conv_input(cache, qkv)
             out, final, tape, states = self.mixer_ops(conv_in, z, b, a, state, keep_states)
         if cache is not None:
-            cache.advance(conv_in, final, S, tape, states)
+            cache.advance(conv_in, final, S, tape, states, conv_state)
         return self.out_proj(out)
 
     def conv_input(self, cache, qkv):
@@ -178,17 +182,20 @@ def _mixer_self_check() -> bool:
 
 def _prefill_self_check() -> bool:
     """A prefill's kernels against the operations on the self-check layer, 40 tokens: the recurrence inputs (prep)
-    against recurrence_inputs, the gated norm against GatedRMSNorm."""
+    against recurrence_inputs, with no conv inputs carried and with some, the gated norm against GatedRMSNorm."""
     layer = _check_layer()
     x = mx.random.normal((1, 40, _CHECK_CONFIG.hidden_size), key=mx.random.key(2)).astype(mx.bfloat16)
+    carried = mx.random.normal((1, layer.kernel - 1, layer.conv_dim), key=mx.random.key(5)).astype(mx.bfloat16)
     proj = layer.in_proj[0](x)
     qkv, z, b, a = layer.project(x)
-    conv_in = layer.conv_input(None, qkv)
-    got, want = gdn_cuda.prep(layer, conv_in, proj), layer.recurrence_inputs(conv_in, b, a)
+    for before in (None, carried):
+        conv_in = mx.concatenate([mx.zeros_like(carried) if before is None else before, qkv], axis=1)
+        got, want = gdn_cuda.prep(layer, before, proj), layer.recurrence_inputs(conv_in, b, a)
+        if not all(kernels.close(u, w, 1e-2) for u, w in zip(got, want)):
+            return False
     o = mx.random.normal((1, 40, layer.Hv, layer.Dv), key=mx.random.key(4)).astype(mx.bfloat16)
     normed = layer.norm(o, z.reshape(o.shape)).reshape(1, 40, -1)
-    return (all(kernels.close(u, w, 1e-2) for u, w in zip(got, want))
-            and kernels.close(gdn_cuda.gated_norm(layer, o, proj), normed, 1e-2))
+    return kernels.close(gdn_cuda.gated_norm(layer, o, proj), normed, 1e-2)
 
 
 # On MLX's CUDA backend, after a self-check against the operations (see kernels.py), decode and verify windows
