@@ -17,19 +17,19 @@ from specdec.models.layers import Linear, QuantizedLinear, SparseMoE
 
 
 @pytest.mark.parametrize("setting, on", [
-    (None, {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_route", "qmm"}),
-    ("all", {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_route", "qmm"}),
+    (None, {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}),
+    ("all", {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}),
     ("none", set()),
     ("0", set()),
     ("gdn", {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence"}),
-    ("moe, qmm", {"moe", "moe_route", "qmm"}),
+    ("moe, qmm", {"moe", "moe_grouped", "qmm"}),
 ])
 def test_kernel_switch(monkeypatch, setting, on):
     if setting is None:
         monkeypatch.delenv("SPECDEC_KERNELS", raising=False)
     else:
         monkeypatch.setenv("SPECDEC_KERNELS", setting)
-    names = {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_route", "qmm"}
+    names = {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}
     assert {n for n in names if kernels.allowed(n)} == on
 
 
@@ -197,7 +197,8 @@ def test_prefill_experts_take_interleaved_x_only_from_prefill_sizes(monkeypatch)
 def test_many_rows_take_the_routing_kernels_and_grouped_product_with_their_contracts(monkeypatch):
     """Where the routing kernels and the grouped product may run, SparseMoE sends windows of many rows through
     them (fewer stay with the operations); stand-ins computing their contracts with operations give ops' output:
-    the rows' tokens and (token, slot) places, the scores folded into the down product, the k rows summed."""
+    the rows' tokens and (token, slot) places, the scores folded into the down product, the k rows summed with the
+    shared expert and the residual."""
     block = moe_block(4)
     k, E = block.top_k, block.num_experts
     calls = []
@@ -216,16 +217,26 @@ def test_many_rows_take_the_routing_kernels_and_grouped_product_with_their_contr
         y = block.experts(x[rows.token], indices[:, None]).squeeze(1) * scores.flatten()[rows.slot][:, None]
         return mx.zeros_like(y).at[rows.slot].add(y)  # each sorted row to its (token, slot) place
 
-    monkeypatch.setattr(kernels, "ready", lambda name: name in ("qmm", "moe_route"))
+    def combine(rows, top_k, shared=None, shared_logit=None, residual=None):
+        calls.append(("combine", shared is not None, residual is not None))
+        y = rows.reshape(-1, top_k, rows.shape[-1]).sum(axis=1)
+        y = y if shared is None else y + mx.sigmoid(shared_logit) * shared
+        return y if residual is None else residual + y
+
+    monkeypatch.setattr(kernels, "ready", lambda name: name in ("qmm", "moe_grouped"))
     monkeypatch.setattr(qmm_cuda, "usable", lambda linear, x: False)  # the few-token matmul: not what is tested
     monkeypatch.setattr(moe_cuda, "route", route)
     monkeypatch.setattr(qmm_cuda, "grouped_experts", grouped_experts)
+    monkeypatch.setattr(moe_cuda, "combine", combine)
     x = mx.random.normal((1, 40, block.hidden), key=mx.random.key(5)).astype(mx.bfloat16)
     residual = mx.ones_like(x)
     assert kernels.close(block(x, residual), residual + block.ops(x[0]), 2e-2)
-    assert calls == [(40, qmm_cuda.group_shape(40 * k)[0])]
+    assert calls == [(40, qmm_cuda.group_shape(40 * k)[0]), ("combine", block.shared, True)]
+    assert kernels.close(block(x), block.ops(x[0]), 2e-2)
+    assert calls[-1] == ("combine", block.shared, False)
+    calls.clear()
     block(x[:, :2])  # 2 tokens x 4 experts: below the sort threshold
-    assert len(calls) == 1
+    assert calls == []
 
 
 def test_long_inputs_go_to_the_chunk_kernels_with_their_contract(monkeypatch):

@@ -321,11 +321,14 @@ PREP_SOURCE = """
     constexpr int C = 2 * Hk * Dk + Hv * Dv, UNITS = 2 * Hk + Hv, MAXR = (Dk > Dv ? Dk : Dv) / 32;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
     const int S = proj_shape[1], P = proj_shape[2], bt = blockIdx.x, bi = bt / S, t = bt % S;
-    // token t's conv window: rows t .. t + K - 1 of [the K - 1 carried rows (zeros without), this window's qkv]
-    auto conv_row = [&](int r, int ch) -> T {
-        if (r >= K - 1) return proj[((size_t)bi * S + r - (K - 1)) * P + QO + ch];
-        return has_carried[0] ? carried[((size_t)bi * (K - 1) + r) * C + ch] : static_cast<T>(0.f);
-    };
+    // token t's conv window: rows t .. t + K - 1 of [the K - 1 carried rows (null: zeros), this window's qkv]
+    const T* rows[K];
+    #pragma unroll
+    for (int i = 0; i < K; ++i) {
+        const int r = t + i;
+        rows[i] = r >= K - 1 ? proj + ((size_t)bi * S + r - (K - 1)) * P + QO
+                             : (has_carried[0] ? carried + ((size_t)bi * (K - 1) + r) * C : nullptr);
+    }
     for (int u = warp; u < UNITS; u += warps) {
         const bool is_v = u >= 2 * Hk;
         const int D = is_v ? Dv : Dk, base = is_v ? 2 * Hk * Dk + (u - 2 * Hk) * Dv : u * Dk;
@@ -336,7 +339,7 @@ PREP_SOURCE = """
             const int ch = base + r * 32 + lane;
             T x[K];
             #pragma unroll
-            for (int i = 0; i < K; ++i) x[i] = conv_row(t + i, ch);
+            for (int i = 0; i < K; ++i) x[i] = rows[i] ? rows[i][ch] : static_cast<T>(0.f);
             y[r] = conv_silu<K, CT>(x, 1, conv_w + ch * K);
             ss += y[r] * y[r];
         }
@@ -544,18 +547,14 @@ CHUNK_PREP_SOURCE = """
 
 # One block per (head, SL state columns), NTH threads, chunk after chunk. The next chunk's q, k, W, attn and U
 # are loaded into registers while this one computes (the loop is bound by memory latency otherwise); the
-# decays are applied to dot products and to d, not to the loaded rows, so those copy as they are. Only d and
-# the state carry from chunk to chunk, so the block works in two halves: one computes d = U - W S and then the
-# next state, the other q S and then the output, each at the same time as the other.
+# decays are applied to dot products and to d, not to the loaded rows, so those copy as they are.
 CHUNK_SCAN_SOURCE = """
-    constexpr int HALF = NTH / 2, TPR = HALF / C, CB = SL / TPR, TPI = HALF / Dk, CS = SL / TPI;
-    constexpr int DKP = Dk + 4, CP = C + 4;                 // padded rows, still 16-byte aligned
-    constexpr int LQ = C * Dk / 4 / NTH, LA = C * C / 4;    // float4 loads a thread per q, k, W row block; attn's
-    static_assert(CB == 4 && CS % 4 == 0 && LQ * 4 * NTH == C * Dk && LA <= NTH && HALF % 32 == 0, "layout");
+    constexpr int TPR = NTH / C, CB = SL / TPR, TPI = NTH / Dk, CS = SL / TPI;
+    constexpr int DKP = Dk + 4, CP = C + 4;                      // padded rows, still 16-byte aligned
+    constexpr int LQ = C * Dk / 4 / NTH, LA = C * C / 4 / NTH;   // float4 loads a thread, per matrix
+    static_assert(CB == 4 && CS % 4 == 0 && LQ * 4 * NTH == C * Dk && LA * 4 * NTH == C * C, "layout");
     const int bh = blockIdx.y, c0 = blockIdx.x * SL, tid = threadIdx.x;
     const int b = bh / Hv, h = bh % Hv, S = q_shape[1], Hk = q_shape[2], kh = h / (Hv / Hk), N = G_shape[1];
-    const bool dside = tid < HALF;                          // this thread's half: d and the state, or the output
-    const int ht = tid % HALF;
     extern __shared__ float4 smem4[];
     float* Ss = reinterpret_cast<float*>(smem4);  // [Dk][SL]: this block's columns of the state
     float* Qs = Ss + Dk * SL;          // [C][DKP]: q
@@ -566,9 +565,9 @@ CHUNK_SCAN_SOURCE = """
     float* De = Dm + C * SL;           // [C][SL]: exp(G_last - G_j) d_j
     float* Gs = De + C * SL;           // [C]: G
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-    float4 pq[LQ], pk[LQ], pw[LQ], pa = zero, pu = zero;
-    const int rb = ht / TPR, cb = (ht % TPR) * CB;   // this thread's row of d (or of q S and o), and its 4 columns
-    const int is = ht / TPI, cs = (ht % TPI) * CS;   // (d side) its row of the state, and its columns
+    float4 pq[LQ], pk[LQ], pw[LQ], pa[LA], pu;
+    const int rb = tid / TPR, cb = (tid % TPR) * CB;   // this thread's row of d and o, and its 4 columns
+    const int is = tid / TPI, cs = (tid % TPI) * CS;   // its row of the state, and its columns
     auto load = [&](int n) {
         const size_t cn = (size_t)bh * N + n;
         #pragma unroll
@@ -579,8 +578,9 @@ CHUNK_SCAN_SOURCE = """
             pk[l] = t < S ? *reinterpret_cast<const float4*>(k + src) : zero;
             pw[l] = *reinterpret_cast<const float4*>(W + cn * C * Dk + 4 * f);
         }
-        if (tid < LA) pa = *reinterpret_cast<const float4*>(attn + cn * C * C + 4 * tid);
-        if (dside) pu = *reinterpret_cast<const float4*>(U + (cn * C + rb) * Dv + c0 + cb);
+        #pragma unroll
+        for (int l = 0; l < LA; ++l) pa[l] = *reinterpret_cast<const float4*>(attn + cn * C * C + 4 * (tid + l * NTH));
+        pu = *reinterpret_cast<const float4*>(U + (cn * C + rb) * Dv + c0 + cb);
     };
     for (int idx = tid; idx < Dk * SL; idx += NTH)
         Ss[idx] = has_state[0] ? state_in[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL] : 0.f;
@@ -594,66 +594,67 @@ CHUNK_SCAN_SOURCE = """
             *reinterpret_cast<float4*>(Ks + r * DKP + i) = pk[l];
             *reinterpret_cast<float4*>(Ws + r * DKP + i) = pw[l];
         }
-        if (tid < LA) *reinterpret_cast<float4*>(At + (tid / (C / 4)) * CP + (tid % (C / 4)) * 4) = pa;
+        #pragma unroll
+        for (int l = 0; l < LA; ++l) {
+            const int f = tid + l * NTH, r = f / (C / 4), j = (f % (C / 4)) * 4;
+            *reinterpret_cast<float4*>(At + r * CP + j) = pa[l];
+        }
         const float4 u = pu;
         if (tid < C) Gs[tid] = G[((size_t)bh * N + n) * C + tid];
         __syncthreads();
         if (n + 1 < N) load(n + 1);
         const float Glast = Gs[C - 1];
-        // W S (d side) or q S, row rb, columns cb .. cb + 3; w and q four at a time (shared memory bound)
-        const float* rows = dside ? Ws : Qs;
-        float4 p = zero;
+        // d = U - W S and q S for row rb, columns cb .. cb + 3
+        float4 d = zero, o = zero;
         #pragma unroll 2
-        for (int i = 0; i < Dk; i += 4) {
-            const float4 a4 = *reinterpret_cast<const float4*>(rows + rb * DKP + i);
-            const float au[4] = {a4.x, a4.y, a4.z, a4.w};
+        for (int i = 0; i < Dk; i += 4) {  // w and q four at a time: shared memory is this loop's bound
+            const float4 w4 = *reinterpret_cast<const float4*>(Ws + rb * DKP + i);
+            const float4 q4 = *reinterpret_cast<const float4*>(Qs + rb * DKP + i);
+            const float wu[4] = {w4.x, w4.y, w4.z, w4.w}, qu[4] = {q4.x, q4.y, q4.z, q4.w};
             #pragma unroll
-            for (int v = 0; v < 4; ++v) {
-                const float4 s = *reinterpret_cast<const float4*>(Ss + (i + v) * SL + cb);
-                p.x += au[v] * s.x; p.y += au[v] * s.y; p.z += au[v] * s.z; p.w += au[v] * s.w;
+            for (int u = 0; u < 4; ++u) {
+                const float4 s = *reinterpret_cast<const float4*>(Ss + (i + u) * SL + cb);
+                d.x += wu[u] * s.x; d.y += wu[u] * s.y; d.z += wu[u] * s.z; d.w += wu[u] * s.w;
+                o.x += qu[u] * s.x; o.y += qu[u] * s.y; o.z += qu[u] * s.z; o.w += qu[u] * s.w;
             }
         }
-        if (dside) {  // d = U - W S
-            const float ek = expf(Glast - Gs[rb]);
-            const float4 d = make_float4(u.x - p.x, u.y - p.y, u.z - p.z, u.w - p.w);
-            *reinterpret_cast<float4*>(Dm + rb * SL + cb) = d;
-            *reinterpret_cast<float4*>(De + rb * SL + cb) = make_float4(ek * d.x, ek * d.y, ek * d.z, ek * d.w);
-        }
+        d = make_float4(u.x - d.x, u.y - d.y, u.z - d.z, u.w - d.w);
+        const float eq = expf(Gs[rb]), ek = expf(Glast - Gs[rb]);
+        *reinterpret_cast<float4*>(Dm + rb * SL + cb) = d;
+        *reinterpret_cast<float4*>(De + rb * SL + cb) = make_float4(ek * d.x, ek * d.y, ek * d.z, ek * d.w);
+        o = make_float4(eq * o.x, eq * o.y, eq * o.z, eq * o.w);
         __syncthreads();
-        if (dside) {  // S = exp(G_last) S + k^T (exp(G_last - G) d): row is, columns cs .. cs + CS - 1 (this thread's)
-            const float chunk_decay = expf(Glast);
-            float4 acc[CS / 4];
+        // o = exp(G) q S + attn d
+        for (int j = 0; j <= rb; ++j) {
+            const float a = At[rb * CP + j];
+            const float4 dj = *reinterpret_cast<const float4*>(Dm + j * SL + cb);
+            o.x += a * dj.x; o.y += a * dj.y; o.z += a * dj.z; o.w += a * dj.w;
+        }
+        const int t = n * C + rb;
+        if (t < S) {
+            OutT* dst = out + (((size_t)b * S + t) * Hv + h) * Dv + c0 + cb;
+            dst[0] = static_cast<OutT>(o.x); dst[1] = static_cast<OutT>(o.y);
+            dst[2] = static_cast<OutT>(o.z); dst[3] = static_cast<OutT>(o.w);
+        }
+        // S = exp(G_last) S + k^T (exp(G_last - G) d): row is, columns cs .. cs + CS - 1 (this thread's alone)
+        const float chunk_decay = expf(Glast);
+        float4 acc[CS / 4];
+        #pragma unroll
+        for (int c = 0; c < CS / 4; ++c) {
+            const float4 s = *reinterpret_cast<const float4*>(Ss + is * SL + cs + 4 * c);
+            acc[c] = make_float4(chunk_decay * s.x, chunk_decay * s.y, chunk_decay * s.z, chunk_decay * s.w);
+        }
+        #pragma unroll 4
+        for (int j = 0; j < C; ++j) {
+            const float kk = Ks[j * DKP + is];
             #pragma unroll
             for (int c = 0; c < CS / 4; ++c) {
-                const float4 s = *reinterpret_cast<const float4*>(Ss + is * SL + cs + 4 * c);
-                acc[c] = make_float4(chunk_decay * s.x, chunk_decay * s.y, chunk_decay * s.z, chunk_decay * s.w);
-            }
-            #pragma unroll 4
-            for (int j = 0; j < C; ++j) {
-                const float kk = Ks[j * DKP + is];
-                #pragma unroll
-                for (int c = 0; c < CS / 4; ++c) {
-                    const float4 e = *reinterpret_cast<const float4*>(De + j * SL + cs + 4 * c);
-                    acc[c].x += kk * e.x; acc[c].y += kk * e.y; acc[c].z += kk * e.z; acc[c].w += kk * e.w;
-                }
-            }
-            #pragma unroll
-            for (int c = 0; c < CS / 4; ++c) *reinterpret_cast<float4*>(Ss + is * SL + cs + 4 * c) = acc[c];
-        } else {  // o = exp(G) q S + attn d
-            const float eq = expf(Gs[rb]);
-            float4 o = make_float4(eq * p.x, eq * p.y, eq * p.z, eq * p.w);
-            for (int j = 0; j <= rb; ++j) {
-                const float a = At[rb * CP + j];
-                const float4 dj = *reinterpret_cast<const float4*>(Dm + j * SL + cb);
-                o.x += a * dj.x; o.y += a * dj.y; o.z += a * dj.z; o.w += a * dj.w;
-            }
-            const int t = n * C + rb;
-            if (t < S) {
-                OutT* dst = out + (((size_t)b * S + t) * Hv + h) * Dv + c0 + cb;
-                dst[0] = static_cast<OutT>(o.x); dst[1] = static_cast<OutT>(o.y);
-                dst[2] = static_cast<OutT>(o.z); dst[3] = static_cast<OutT>(o.w);
+                const float4 e = *reinterpret_cast<const float4*>(De + j * SL + cs + 4 * c);
+                acc[c].x += kk * e.x; acc[c].y += kk * e.y; acc[c].z += kk * e.z; acc[c].w += kk * e.w;
             }
         }
+        #pragma unroll
+        for (int c = 0; c < CS / 4; ++c) *reinterpret_cast<float4*>(Ss + is * SL + cs + 4 * c) = acc[c];
     }
     __syncthreads();
     for (int idx = tid; idx < Dk * SL; idx += NTH)
@@ -664,7 +665,7 @@ CHUNK_SCAN_SOURCE = """
 # kernels, chunks of 64 0.63-0.69 ms (the prep then needs 149 KB of shared memory, one block an SM).
 CHUNK = 32  # tokens per chunk
 SLICE = 32  # state columns per scan block: 4 blocks a 128-column head, one wave of blocks on an H100
-SCAN_THREADS = 512
+SCAN_THREADS = 256
 
 
 def chunked_usable(Dk: int, Dv: int) -> bool:

@@ -253,9 +253,12 @@ class SparseMoE(nn.Module):
         """x [..., H] -> the block's output, plus `residual` if given (the kernels fold that add in)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        flat_residual = None if residual is None else residual.reshape(x.shape)
         if x.shape[0] <= moe_cuda.MAX_TOKENS and kernels.ready("moe") and moe_cuda.usable(self, x):
-            return moe_cuda.moe(self, x, None if residual is None else residual.reshape(x.shape)).reshape(shape)
-        y = (self.grouped(x) if self.grouped_usable(x) else self.ops(x)).reshape(shape)
+            return moe_cuda.moe(self, x, flat_residual).reshape(shape)
+        if self.grouped_usable(x):
+            return self.grouped(x, flat_residual).reshape(shape)
+        y = self.ops(x).reshape(shape)
         return y if residual is None else residual + y
 
     def grouped_usable(self, x) -> bool:
@@ -263,17 +266,19 @@ class SparseMoE(nn.Module):
         kernels (moe_cuda.route) and the grouped product (qmm_cuda.grouped_matmul)."""
         gate_up, down = (getattr(self.experts, name, None) for name in ("gate_up", "down"))
         return (x.shape[0] * self.top_k >= sort_threshold() and isinstance(gate_up, QuantizedExpertLinear)
-                and qmm_cuda.formats_ok(gate_up, x) and qmm_cuda.formats_ok(down, x)
-                and self.num_experts <= moe_cuda.MAX_EXPERTS and kernels.ready("qmm") and kernels.ready("moe_route"))
+                and qmm_cuda.formats_ok(gate_up, x) and qmm_cuda.formats_ok(down, x) and moe_cuda.combine_usable(x)
+                and self.num_experts <= moe_cuda.MAX_EXPERTS and kernels.ready("qmm") and kernels.ready("moe_grouped"))
 
-    def grouped(self, x):
-        """`ops` for `grouped_usable` x [N, H]: the rows sorted by expert in two launches, the experts in two
-        (their scores folded into the down product), then the sum of each token's k weighted rows."""
+    def grouped(self, x, residual=None):
+        """`ops` (plus `residual`) for `grouped_usable` x [N, H]: the rows sorted by expert in two launches, the
+        experts in two (their scores folded into the down product), then in one the sum of each token's k weighted
+        rows, the gated shared expert and the residual."""
         N, H = x.shape
         tile = qmm_cuda.group_shape(N * self.top_k)[0]
         _, scores, rows = moe_cuda.route(self.gate(x), self.top_k, self.norm_topk_prob, tile)
         y = qmm_cuda.grouped_experts(self.experts.gate_up, self.experts.down, x, rows, scores)
-        return self.plus_shared(x, y.reshape(N, self.top_k, H).sum(axis=1))
+        shared, logit = (self.shared_expert(x), self.shared_expert_gate(x)) if self.shared else (None, None)
+        return moe_cuda.combine(y, self.top_k, shared, logit, residual)
 
     def ops(self, x):
         """x [N, H] -> [N, H] as MLX operations."""
@@ -383,5 +388,5 @@ def _qmm_self_check() -> bool:
 
 
 kernels.register("qmm", _qmm_self_check)
-# Many tokens' routing (SparseMoE.grouped), after a self-check against the operations.
-kernels.register("moe_route", moe_cuda.route_self_check)
+# Many tokens' routing and the block's final sums (SparseMoE.grouped), after a self-check against the operations.
+kernels.register("moe_grouped", moe_cuda.grouped_self_check)
