@@ -488,7 +488,7 @@ CHUNK_PREP_SOURCE = """
     for (int tile = tid; tile < 16 * 16; tile += NTH) {
         constexpr int LOWER = 16 * 17 / 2;
         const bool lower = tile < LOWER;
-        const int t = lower ? tile : tile - LOWER;  // the t-th tile of the triangle with (lower) or without the diagonal
+        const int t = lower ? tile : tile - LOWER;  // the t-th tile of the triangle with (lower) or without diagonal
         auto first = [&](int R) { return lower ? R * (R + 1) / 2 : R * (R - 1) / 2; };  // its row R's first tile
         int R = lower ? 0 : 1;
         while (R < 15 && first(R + 1) <= t) ++R;

@@ -332,9 +332,9 @@ kernels.register("moe", _moe_self_check)
 
 def _qmm_self_check() -> bool:
     """The tensor-core matmul against float32 arithmetic on dequantized weights: 4- and 8-bit, 3 and 11 tokens,
-    a K split between warps (few rows) and none (many); the dequantized matrix against MLX's; and the grouped form, 4- and 8-bit, rows sorted over
-    uneven experts, plain, through row indices, scaled, with the SwiGLU of gate and up, and with x interleaved as
-    a prefill passes it."""
+    a K split between warps (few rows) and none (many); the dequantized matrix against MLX's; and the grouped
+    form, 4- and 8-bit, rows sorted over uneven experts, plain, through row indices, scaled, with the SwiGLU of
+    gate and up, and with x interleaved as a prefill passes it."""
     keys = iter(mx.random.split(mx.random.key(2), 16))
     for bits, rows, tokens, split in ((4, 96, 3, 1), (8, 40, 11, None), (4, 4096, 5, 2)):
         linear = Linear(1024, rows, bias=False)

@@ -108,7 +108,8 @@ class GatedDeltaNet(nn.Module):
             out, final = gdn(q, k, v, g, beta, state)
             out, tape, states = gdn_cuda.gated_norm(self, out, proj), (k, v, g, beta), None
             conv_in = self.conv_input(cache, qkv) if keep_tape else None
-            conv_state = qkv[:, S - (self.kernel - 1) :]
+            # a copy of the last rows, so that the cache does not hold the whole projection alive
+            conv_state = mx.contiguous(qkv[:, S - (self.kernel - 1) :])
         else:
             qkv, z, b, a = self.project(x)
             conv_in = self.conv_input(cache, qkv)

@@ -19,6 +19,9 @@ not once per 8 tokens, and no sum of x is needed. A block's weights and tile of 
 loaded with cp.async a quantization group ahead of the tensor cores. A prefill's x comes interleaved in the
 order the codes pair up (`interleave`), so that its B registers are whole words of x, and the SwiGLU product
 writes its output interleaved the same way for the down product.
+
+A prefill's dense products multiply dequantized matrices (layers.QuantizedLinear); `dequantize` makes them here,
+a word of codes a thread.
 """
 
 from typing import NamedTuple
