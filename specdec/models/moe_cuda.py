@@ -55,6 +55,17 @@ __device__ inline float rnd(float v) { return static_cast<float>(static_cast<T>(
 
 __device__ inline float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 
+// The end of the block for one output, each step rounded as the operations round it: the routed sum, plus the
+// shared expert's output times its gate (sigmoid of its logit, rounded), plus the residual.
+template <typename T, bool HAS_SHARED, bool HAS_RESIDUAL>
+__device__ inline T block_output(float routed, float gate, float shared_out, float residual) {
+    float y = rnd<T>(routed);
+    if (HAS_SHARED) y = rnd<T>(y + rnd<T>(gate * rnd<T>(shared_out)));
+    return static_cast<T>(HAS_RESIDUAL ? residual + y : y);
+}
+
+template <typename T> struct __align__(16) vec8 { T v[8]; };
+
 // The k largest of one token's NE router logits, by one warp: k rounds of argmax over the lanes' strided slices,
 // ties to the lower index. chosen / chosen_logit (lane 0 writes them) hold the experts from the largest down.
 template <int NE, int TOPK, typename LT>
@@ -261,10 +272,9 @@ DOWN_SOURCE = """
             shared_out += __shfl_xor_sync(0xffffffff, shared_out, o);
         }
         if (lane == 0 && r0 + n < HID) {
-            float y = rnd<T>(weighted);
-            if (HAS_SHARED) y = rnd<T>(y + rnd<T>(sgate * rnd<T>(shared_out)));
             const size_t o = (size_t)t * HID + r0 + n;
-            out[o] = static_cast<T>(RESIDUAL ? static_cast<float>(residual[o]) + y : y);
+            out[o] = block_output<T, HAS_SHARED, RESIDUAL>(weighted, sgate, shared_out,
+                                                           RESIDUAL ? static_cast<float>(residual[o]) : 0.f);
         }
     }
 """
@@ -482,30 +492,16 @@ COMBINE_SOURCE = """
         #pragma unroll
         for (int j = 0; j < V; ++j) sum[j] += static_cast<float>(r.v[j]);
     }
+    const float gate = HAS_SHARED ? rnd<T>(sigmoid(static_cast<float>(shared_logit[t]))) : 0.f;
+    const vec8<T> sh = HAS_SHARED ? values(shared + (size_t)t * H + h) : vec8<T>{};
+    const vec8<T> res = HAS_RESIDUAL ? values(residual + (size_t)t * H + h) : vec8<T>{};
     vec8<T> y;
     #pragma unroll
-    for (int j = 0; j < V; ++j) y.v[j] = static_cast<T>(sum[j]);
-    if (HAS_SHARED) {
-        const float gate = static_cast<float>(static_cast<T>(1.f / (1.f + expf(-static_cast<float>(shared_logit[t])))));
-        const vec8<T> sh = values(shared + (size_t)t * H + h);
-        #pragma unroll
-        for (int j = 0; j < V; ++j) {
-            const float gated = static_cast<float>(static_cast<T>(gate * static_cast<float>(sh.v[j])));
-            y.v[j] = static_cast<T>(static_cast<float>(y.v[j]) + gated);
-        }
-    }
-    if (HAS_RESIDUAL) {
-        const vec8<T> r = values(residual + (size_t)t * H + h);
-        #pragma unroll
-        for (int j = 0; j < V; ++j) y.v[j] = static_cast<T>(static_cast<float>(r.v[j]) + static_cast<float>(y.v[j]));
-    }
+    for (int j = 0; j < V; ++j)
+        y.v[j] = block_output<T, HAS_SHARED, HAS_RESIDUAL>(sum[j], gate, static_cast<float>(sh.v[j]),
+                                                           static_cast<float>(res.v[j]));
     *reinterpret_cast<vec8<T>*>(out + (size_t)t * H + h) = y;
 """
-
-COMBINE_HEADER = """
-template <typename T> struct __align__(16) vec8 { T v[8]; };
-"""
-
 
 def combine(rows, top_k: int, shared=None, shared_logit=None, residual=None):
     """rows [N * k, H] (token t's slot s at t * k + s, weighted by its score) -> [N, H]: their sum per token,
@@ -514,7 +510,7 @@ def combine(rows, top_k: int, shared=None, shared_logit=None, residual=None):
     N = P // top_k
     unused = rows  # an input the kernel does not read
     (out,) = cuda_kernel("moe_combine", ["rows", "shared", "shared_logit", "residual"], ["out"], COMBINE_SOURCE,
-                         header=COMBINE_HEADER)(
+                         header=HEADER)(
         inputs=[rows, unused if shared is None else shared, unused if shared_logit is None else shared_logit,
                 unused if residual is None else residual],
         template=[("TOPK", top_k), ("HAS_SHARED", shared is not None), ("HAS_RESIDUAL", residual is not None),

@@ -368,11 +368,15 @@ def matmul(linear, x, split=None, nt=None):
     return out.reshape(*x.shape[:-1], N)
 
 
+def _bf16_quantized(layer) -> bool:
+    found = quantized_format(layer)
+    return found is not None and found[2] == mx.bfloat16
+
+
 def formats_ok(layer, x) -> bool:
     """Weights as `kernels.quantized_format` reads them with bfloat16 scales, bfloat16 activations, K a multiple
     of the group."""
-    found = quantized_format(layer)
-    return found is not None and found[2] == mx.bfloat16 and x.dtype == mx.bfloat16 and x.shape[-1] % found[1] == 0
+    return _bf16_quantized(layer) and x.dtype == mx.bfloat16 and x.shape[-1] % layer.group_size == 0
 
 
 def expert_tiles(indices, num_experts: int, tile: int = None):
@@ -470,8 +474,8 @@ DEQUANT_SOURCE = """
 
 
 def dequantize_usable(layer) -> bool:
-    found = quantized_format(layer)
-    return found is not None and found[2] == mx.bfloat16 and layer.weight.ndim == 2
+    """A 2-D matrix quantized as the kernels read it, with bfloat16 scales."""
+    return _bf16_quantized(layer) and layer.weight.ndim == 2
 
 
 def dequantize(layer):
