@@ -1,8 +1,9 @@
 """GPU check: the CUDA kernels against the MLX ops path on random inputs of real size (Qwen3.5-35B-A3B:
 32 v-heads, 16 k-heads, 128 x 128 state; 256 experts, top-8, 4-bit): the GDN recurrence for decode, verify
-windows and replay, the chunked GDN prefill, the fused GDN mixer (conv, norms, gates, recurrence, gated norm),
-the MoE kernels of random-weight layers (a prefill's block too), the tensor-core matmuls, and the products
-MLX-CUDA gets wrong (K one tile); prints errors and timings, then whole compiled steps with kernels on and off.
+windows and replay, the chunked GDN prefill, a prefill's attention, the fused GDN mixer (conv, norms, gates,
+recurrence, gated norm), the MoE kernels of random-weight layers (a prefill's block too), the tensor-core
+matmuls, and the products MLX-CUDA gets wrong (K one tile); prints errors and timings, then whole compiled
+steps with kernels on and off.
 
     python scripts/check_kernels.py [--no-steps]   # on a machine with MLX's CUDA backend
 """
@@ -14,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from specdec.bench import arch_config, build_target, prefill, step_ms
-from specdec.models import gdn, gdn_cuda, kernels, moe_cuda, qmm_cuda
+from specdec.models import attention_cuda, gdn, gdn_cuda, kernels, moe_cuda, qmm_cuda
 
 
 def timed(fn, repeats=50):
@@ -53,6 +54,7 @@ def main():
     ok = check_chunked() and ok
     ok = check_mixer() and ok
     ok = check_prefill() and ok
+    ok = check_attention() and ok
     ok = check_moe() and ok
     ok = check_qmm() and ok
     ok = check_one_tile_products() and ok
@@ -149,6 +151,26 @@ def check_prefill():
                 print(f"{f'{arch} S={S} {name}':<36}{err:>9.1e}{t_k:>11.3f}{t_o:>9.3f}")
     ok = worst <= 1e-2
     print(f"prefill kernels: worst relative error {worst:.2e}: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
+def check_attention():
+    """A prefill's attention kernel against MLX's (causal mask) at Qwen3.5-35B-A3B's shapes (16 q-heads, 2 kv-heads,
+    head_dim 256): 1024 tokens from empty, and a 2048-token chunk after 2048 positions."""
+    print(f"{'prefill attention':<36}{'err':>9}{'kernel ms':>11}{'mlx ms':>9}")
+    ok = True
+    for S, before in ((1024, 0), (2048, 2048), (100, 0)):
+        ks = mx.random.split(mx.random.key(S + before), 3)
+        q = mx.random.normal((1, 16, S, 256), key=ks[0]).astype(mx.bfloat16)
+        k, v = (mx.random.normal((1, 2, before + S, 256), key=key).astype(mx.bfloat16) for key in ks[1:])
+        mx.eval(q, k, v)
+        mlx = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=256**-0.5, mask="causal").transpose(
+            0, 2, 1, 3).reshape(1, S, -1)
+        mine = lambda: attention_cuda.attention(q, k, v, 256**-0.5)
+        err = rel_err(mine(), mlx())
+        ok = ok and err <= 2e-2
+        print(f"{f'S={S} after {before}':<36}{err:>9.1e}{timed(mine, 10):>11.3f}{timed(mlx, 10):>9.3f}")
+    print(f"prefill attention: {'OK' if ok else 'MISMATCH'}")
     return ok
 
 

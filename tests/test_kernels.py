@@ -11,14 +11,16 @@ import pytest
 from specdec.bench import arch_config
 from specdec.cache import make_cache
 from specdec.loading import quantize_model
-from specdec.models import gdn, gdn_cuda, kernels, moe_cuda, qmm_cuda
+from specdec.models import attention_cuda, gdn, gdn_cuda, kernels, moe_cuda, qmm_cuda
 from specdec.models.config import ModelConfig
 from specdec.models.layers import Linear, QuantizedLinear, SparseMoE
 
 
 @pytest.mark.parametrize("setting, on", [
-    (None, {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}),
-    ("all", {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}),
+    (None, {"attn_prefill", "gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}),
+    ("all", {"attn_prefill", "gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped",
+             "qmm"}),
+    ("attn", {"attn_prefill"}),
     ("none", set()),
     ("0", set()),
     ("gdn", {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence"}),
@@ -29,7 +31,7 @@ def test_kernel_switch(monkeypatch, setting, on):
         monkeypatch.delenv("SPECDEC_KERNELS", raising=False)
     else:
         monkeypatch.setenv("SPECDEC_KERNELS", setting)
-    names = {"gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}
+    names = {"attn_prefill", "gdn_chunked", "gdn_mixer", "gdn_prefill", "gdn_recurrence", "moe", "moe_grouped", "qmm"}
     assert {n for n in names if kernels.allowed(n)} == on
 
 
@@ -312,3 +314,36 @@ def test_prefills_take_the_prefill_kernels_with_their_contracts(tiny, monkeypatc
     model.forward(tokens[:, :8], make_cache(model))  # a window of the token loop's length
     assert calls == []
 
+
+
+def test_prefill_attention_takes_the_kernel_with_its_contract(tiny, monkeypatch):
+    """Where the attention kernel may run, a prefill's attention layers hand it q [B, Hq, S, D] and the keys and
+    values of all L positions so far (queries at the last S); a stand-in computing that contract with MLX's
+    attention gives the same logits, from empty and after earlier positions; short windows keep MLX's."""
+    from test_engine import random_prompt
+
+    model = tiny.model("moe")
+    tokens = mx.array([random_prompt(150, seed=6)])
+    want = model.forward(tokens, make_cache(model))
+    calls = []
+
+    def attention(q, k, v, scale):
+        calls.append((q.shape[2], k.shape[2]))
+        S, L = q.shape[2], k.shape[2]
+        mask = mx.arange(L)[None, :] <= (L - S + mx.arange(S))[:, None]
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(q.shape[0], S, -1)
+
+    monkeypatch.setattr(kernels, "ready", lambda name: name == "attn_prefill")
+    monkeypatch.setattr(attention_cuda, "attention", attention)
+    real_usable = attention_cuda.usable
+    monkeypatch.setattr(attention_cuda, "usable", lambda q, k: real_usable(q.astype(mx.bfloat16), k.astype(mx.bfloat16)))
+    attention_layers = model.layer_types.count("full_attention")
+    assert attention_layers > 0
+    cache = make_cache(model)
+    first, second = model.forward(tokens[:, :80], cache), model.forward(tokens[:, 80:], cache)
+    assert calls == [(80, 80)] * attention_layers + [(70, 150)] * attention_layers
+    assert kernels.close(mx.concatenate([first, second], axis=1), want, 1e-3)
+    calls.clear()
+    model.forward(tokens[:, :8], make_cache(model))  # a verify window's length
+    assert calls == []

@@ -4,8 +4,8 @@ A kernel runs only on MLX's CUDA backend, only if SPECDEC_KERNELS allows it, and
 against the MLX operations it replaces has passed (once per process). Elsewhere (CPU, Metal) the operations
 serve: no untested kernels. SPECDEC_KERNELS is `all` (the default), `none`, or a comma-separated list of the
 kernels to use: `gdn` (the GDN recurrence, the fused GDN mixer, a prefill's recurrence inputs, gated norm and
-chunked recurrence), `moe` (the sparse MoE block, many tokens' routing and sums) and `qmm` (the tensor-core
-quantized matmuls and a prefill's dequantization).
+chunked recurrence), `moe` (the sparse MoE block, many tokens' routing and sums), `qmm` (the tensor-core
+quantized matmuls and a prefill's dequantization) and `attn` (a prefill's attention).
 """
 
 import os

@@ -5,7 +5,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels, moe_cuda, qmm_cuda
+from . import attention_cuda, kernels, moe_cuda, qmm_cuda
 from .config import ModelConfig
 
 
@@ -128,9 +128,12 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        mask = cache.mask(S) if cache is not None else ("causal" if S > 1 else None)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, S, -1)
+        if attention_cuda.usable(q, k) and kernels.ready("attn_prefill"):  # a prefill's: one kernel, no scores kept
+            out = attention_cuda.attention(q, k, v, self.scale)
+        else:
+            mask = cache.mask(S) if cache is not None else ("causal" if S > 1 else None)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            out = out.transpose(0, 2, 1, 3).reshape(B, S, -1)
         if self.gated:
             out = out * mx.sigmoid(gate)
         return self.o_proj(out)
@@ -388,5 +391,7 @@ def _qmm_self_check() -> bool:
 
 
 kernels.register("qmm", _qmm_self_check)
+# A prefill's causal attention (Attention), after a self-check against MLX's.
+kernels.register("attn_prefill", attention_cuda.self_check)
 # Many tokens' routing and the block's final sums (SparseMoE.grouped), after a self-check against the operations.
 kernels.register("moe_grouped", moe_cuda.grouped_self_check)
