@@ -98,7 +98,7 @@ def recurrence_cuda(q, k, v, g, beta, state, keep_states):
     out, state_out, states = kernel(
         inputs=[q if has_q else k, k, v, g, beta, state],
         template=[("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("HAS_Q", has_q), ("KEEP", bool(keep_states)),
-                  ("OutT", v.dtype)],
+                  ("OutT", v.dtype), ("SPLIT", SCAN_SPLIT)],
         grid=(-(-Dv // COLUMNS_PER_BLOCK) * 4 * COLUMNS_PER_BLOCK, B * Hv, 1),
         threadgroup=(4 * COLUMNS_PER_BLOCK, 1, 1),
         output_shapes=[(B, S, Hv, Dv) if has_q else (1,), (B, Hv, Dk, Dv), (B, S, Hv, Dk, Dv) if keep_states else (1,)],
@@ -430,13 +430,15 @@ def gated_norm(layer, o, proj):
 #
 # As MLX operations the chunked form is ~200 small kernels a layer (the UT transform's doubling steps, then a
 # loop over chunks), and the recurrence kernel above, one token at a time, takes ~1.2 ms for 1024 tokens of
-# Qwen3.5-35B-A3B's 32 heads. Here (0.31 ms of kernel time for those 1024 tokens on an H100):
+# Qwen3.5-35B-A3B's 32 heads. Here (0.23 ms of kernel time a layer for those 1024 tokens on an H100):
 # - `gdn_chunk_prep`, one block per (chunk, head), all chunks at once: the cumulative decay G, the strictly
 #   lower A = beta_r (k_r . k_j) exp(G_r - G_j), the causal attn = (q_r . k_j) exp(G_r - G_j), and
 #   U = (I + A)^-1 beta V, W = (I + A)^-1 beta exp(G) K by forward substitution, one thread per column.
-# - `gdn_chunk_scan`, one block per (head, 32 state columns), chunk after chunk with its state slice in shared
-#   memory: d = U - W S, o = exp(G) q S + attn d, S = exp(G_last) S + (exp(G_last - G) k)^T d.
-# Everything is float32, as in the operations; only the order of the sums differs.
+# - `gdn_chunk_scan`, one block per (head, 32 state columns), chunk after chunk with its state slice in
+#   registers and shared memory, the products on tensor cores: d = U - W S, o = exp(G) q S + attn d,
+#   S = exp(G_last) S + (exp(G_last - G) k)^T d.
+# Everything is float32, as in the operations (the scan's tensor-core products too: each operand in two tf32
+# parts); only the order of the sums differs.
 
 CHUNK_PREP_SOURCE = """
     constexpr int NTH = 256, PER = C / 32, DKP = Dk + 4, XS = Dv + Dk, TS = C / 16, AS = C + 4;
@@ -545,29 +547,73 @@ CHUNK_PREP_SOURCE = """
     }
 """
 
-# One block per (head, SL state columns), NTH threads, chunk after chunk. The next chunk's q, k, W, attn and U
-# are loaded into registers while this one computes (the loop is bound by memory latency otherwise); the
-# decays are applied to dot products and to d, not to the loaded rows, so those copy as they are.
+# One block per (head, SL state columns), 8 warps, chunk after chunk, the products on tensor cores
+# (mma.sync m16n8k8, tf32 in, float32 accumulate); SPLIT: each float32 operand goes in as tf32 high and low
+# parts (three products, float32 accuracy), else as one rounded tf32 value. The next chunk's q, k, W, attn, U
+# and G are loaded into registers while this one computes. A chunk:
+#   [W; q] S (64 x Dk x SL): warp w a 16-row tile, two 8-column tiles; d = U - W S, and exp(G) q S kept;
+#   o = exp(G) q S + attn d (warps 4-7, their tiles); S = exp(G_last) S + k^T (exp(G_last - G) d), each warp
+#   16 rows of the slice in its accumulators, written out (transposed) for the next chunk's products.
+# Within a k-step of 8 a lane's A and B values are physically k = 4 tig .. 4 tig + 3 of a 16-wide pair of steps
+# (the same permutation for both), so [W; q] and S are read four at a time.
+SCAN_HEADER = """
+__device__ __forceinline__ uint32_t tf32_of(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a b for float32 fragments: the small cross terms first when split
+template <bool SPLIT>
+__device__ __forceinline__ void mma_f32(float d[4], const float a[4], const float b[2]) {
+    uint32_t ah[4], bh[2];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) ah[i] = tf32_of(a[i]);
+    bh[0] = tf32_of(b[0]); bh[1] = tf32_of(b[1]);
+    if (SPLIT) {
+        uint32_t al[4], bl[2];
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) al[i] = tf32_of(a[i] - __uint_as_float(ah[i]));
+        bl[0] = tf32_of(b[0] - __uint_as_float(bh[0])); bl[1] = tf32_of(b[1] - __uint_as_float(bh[1]));
+        mma_tf32(d, al, bh);
+        mma_tf32(d, ah, bl);
+    }
+    mma_tf32(d, ah, bh);
+}
+"""
+
 CHUNK_SCAN_SOURCE = """
-    constexpr int TPR = NTH / C, CB = SL / TPR, TPI = NTH / Dk, CS = SL / TPI;
-    constexpr int DKP = Dk + 4, CP = C + 4;                      // padded rows, still 16-byte aligned
+    // row strides: 16 mod 32 words where four-wide reads must spread over the banks, 8 (or 4) for single ones
+    constexpr int WP = Dk + 16, SP = Dk + 16, KP = Dk + 8, AP = C + 4, DP = SL + 8;
     constexpr int LQ = C * Dk / 4 / NTH, LA = C * C / 4 / NTH;   // float4 loads a thread, per matrix
-    static_assert(CB == 4 && CS % 4 == 0 && LQ * 4 * NTH == C * Dk && LA * 4 * NTH == C * C, "layout");
-    const int bh = blockIdx.y, c0 = blockIdx.x * SL, tid = threadIdx.x;
+    static_assert(C == 32 && SL == 32 && NTH == 256 && Dk == 128 && LQ * 4 * NTH == C * Dk && LA * 4 * NTH == C * C,
+                  "layout");
+    const int bh = blockIdx.y, c0 = blockIdx.x * SL, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
     const int b = bh / Hv, h = bh % Hv, S = q_shape[1], Hk = q_shape[2], kh = h / (Hv / Hk), N = G_shape[1];
     extern __shared__ float4 smem4[];
-    float* Ss = reinterpret_cast<float*>(smem4);  // [Dk][SL]: this block's columns of the state
-    float* Qs = Ss + Dk * SL;          // [C][DKP]: q
-    float* Ks = Qs + C * DKP;          // [C][DKP]: k
-    float* Ws = Ks + C * DKP;          // [C][DKP]: W
-    float* At = Ws + C * DKP;          // [C][CP]: attn
-    float* Dm = At + C * CP;           // [C][SL]: d
-    float* De = Dm + C * SL;           // [C][SL]: exp(G_last - G_j) d_j
-    float* Gs = De + C * SL;           // [C]: G
+    float* St = reinterpret_cast<float*>(smem4);  // [SL][SP]: the state slice, transposed (a column's Dk values)
+    float* Ws = St + SL * SP;          // [C][WP]: W
+    float* Qs = Ws + C * WP;           // [C][WP]: q
+    float* Ks = Qs + C * WP;           // [C][KP]: k
+    float* At = Ks + C * KP;           // [C][AP]: attn
+    float* Dm = At + C * AP;           // [C][DP]: d
+    float* De = Dm + C * DP;           // [C][DP]: exp(G_last - G_j) d_j
+    float* Gs = De + C * DP;           // [C]: G
+    // [W; q] S: warp w takes rows 16 (w / 2) .. of [W; q] (d for w < 4, o for the rest) and column tiles nb, nb + 1
+    const bool is_d = warp < 4;
+    const int nb = (warp & 1) * 2, r0 = ((warp >> 1) & 1) * 16 + gid;  // this lane's rows r0 and r0 + 8
+    const float* Arows = (is_d ? Ws : Qs) + (r0 - gid) * WP;
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-    float4 pq[LQ], pk[LQ], pw[LQ], pa[LA], pu;
-    const int rb = tid / TPR, cb = (tid % TPR) * CB;   // this thread's row of d and o, and its 4 columns
-    const int is = tid / TPI, cs = (tid % TPI) * CS;   // its row of the state, and its columns
+    float4 pq[LQ], pk[LQ], pw[LQ], pa[LA];
+    float2 pu[2][2];                   // U at rows r0 / r0 + 8, this lane's two columns of each tile (d warps)
+    float pg = 0.f;                    // G of token tid (tid < C)
     auto load = [&](int n) {
         const size_t cn = (size_t)bh * N + n;
         #pragma unroll
@@ -580,95 +626,150 @@ CHUNK_SCAN_SOURCE = """
         }
         #pragma unroll
         for (int l = 0; l < LA; ++l) pa[l] = *reinterpret_cast<const float4*>(attn + cn * C * C + 4 * (tid + l * NTH));
-        pu = *reinterpret_cast<const float4*>(U + (cn * C + rb) * Dv + c0 + cb);
+        if (tid < C) pg = G[cn * C + tid];
+        if (is_d) {
+            #pragma unroll
+            for (int j = 0; j < 2; ++j)
+                #pragma unroll
+                for (int hf = 0; hf < 2; ++hf)
+                    pu[j][hf] = *reinterpret_cast<const float2*>(U + (cn * C + r0 + 8 * hf) * Dv + c0 + 8 * (nb + j) + 2 * tig);
+        }
     };
-    for (int idx = tid; idx < Dk * SL; idx += NTH)
-        Ss[idx] = has_state[0] ? state_in[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL] : 0.f;
+    // the state: warp w's rows 16 w + gid (+ 8) of the slice, column tiles 0..3, in mma accumulator order
+    const int i0 = warp * 16;
+    float s[SL / 8][4];
+    #pragma unroll
+    for (int nt = 0; nt < SL / 8; ++nt)
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int i = i0 + gid + 8 * (c / 2), col = 8 * nt + 2 * tig + c % 2;
+            s[nt][c] = has_state[0] ? state_in[((size_t)bh * Dk + i) * Dv + c0 + col] : 0.f;
+            St[col * SP + i] = s[nt][c];
+        }
     load(0);
     for (int n = 0; n < N; ++n) {
         __syncthreads();  // the previous chunk is done with the shared rows
         #pragma unroll
         for (int l = 0; l < LQ; ++l) {
             const int f = tid + l * NTH, r = f / (Dk / 4), i = (f % (Dk / 4)) * 4;
-            *reinterpret_cast<float4*>(Qs + r * DKP + i) = pq[l];
-            *reinterpret_cast<float4*>(Ks + r * DKP + i) = pk[l];
-            *reinterpret_cast<float4*>(Ws + r * DKP + i) = pw[l];
+            *reinterpret_cast<float4*>(Qs + r * WP + i) = pq[l];
+            *reinterpret_cast<float4*>(Ws + r * WP + i) = pw[l];
+            *reinterpret_cast<float4*>(Ks + r * KP + i) = pk[l];
         }
         #pragma unroll
         for (int l = 0; l < LA; ++l) {
             const int f = tid + l * NTH, r = f / (C / 4), j = (f % (C / 4)) * 4;
-            *reinterpret_cast<float4*>(At + r * CP + j) = pa[l];
+            *reinterpret_cast<float4*>(At + r * AP + j) = pa[l];
         }
-        const float4 u = pu;
-        if (tid < C) Gs[tid] = G[((size_t)bh * N + n) * C + tid];
+        float2 u[2][2];
+        #pragma unroll
+        for (int j = 0; j < 2; ++j) { u[j][0] = pu[j][0]; u[j][1] = pu[j][1]; }
+        if (tid < C) Gs[tid] = pg;
         __syncthreads();
         if (n + 1 < N) load(n + 1);
         const float Glast = Gs[C - 1];
-        // d = U - W S and q S for row rb, columns cb .. cb + 3
-        float4 d = zero, o = zero;
-        #pragma unroll 2
-        for (int i = 0; i < Dk; i += 4) {  // w and q four at a time: shared memory is this loop's bound
-            const float4 w4 = *reinterpret_cast<const float4*>(Ws + rb * DKP + i);
-            const float4 q4 = *reinterpret_cast<const float4*>(Qs + rb * DKP + i);
-            const float wu[4] = {w4.x, w4.y, w4.z, w4.w}, qu[4] = {q4.x, q4.y, q4.z, q4.w};
+        // [W; q] S, two accumulators a tile (even and odd pairs of k-steps) for two independent chains
+        float acc[2][2][4] = {};
+        #pragma unroll
+        for (int k0 = 0; k0 < Dk; k0 += 16) {
+            const float4 alo = *reinterpret_cast<const float4*>(Arows + gid * WP + k0 + 4 * tig);
+            const float4 ahi = *reinterpret_cast<const float4*>(Arows + (gid + 8) * WP + k0 + 4 * tig);
+            const float a0[4] = {alo.x, ahi.x, alo.y, ahi.y}, a1[4] = {alo.z, ahi.z, alo.w, ahi.w};
+            const int par = (k0 / 16) & 1;
             #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const float4 s = *reinterpret_cast<const float4*>(Ss + (i + u) * SL + cb);
-                d.x += wu[u] * s.x; d.y += wu[u] * s.y; d.z += wu[u] * s.z; d.w += wu[u] * s.w;
-                o.x += qu[u] * s.x; o.y += qu[u] * s.y; o.z += qu[u] * s.z; o.w += qu[u] * s.w;
+            for (int j = 0; j < 2; ++j) {
+                const float4 bv = *reinterpret_cast<const float4*>(St + (8 * (nb + j) + gid) * SP + k0 + 4 * tig);
+                const float b0[2] = {bv.x, bv.y}, b1[2] = {bv.z, bv.w};
+                mma_f32<SPLIT>(acc[par][j], a0, b0);
+                mma_f32<SPLIT>(acc[par][j], a1, b1);
             }
         }
-        d = make_float4(u.x - d.x, u.y - d.y, u.z - d.z, u.w - d.w);
-        const float eq = expf(Gs[rb]), ek = expf(Glast - Gs[rb]);
-        *reinterpret_cast<float4*>(Dm + rb * SL + cb) = d;
-        *reinterpret_cast<float4*>(De + rb * SL + cb) = make_float4(ek * d.x, ek * d.y, ek * d.z, ek * d.w);
-        o = make_float4(eq * o.x, eq * o.y, eq * o.z, eq * o.w);
+        float o[2][4];
+        {
+            const float e0 = expf(is_d ? Glast - Gs[r0] : Gs[r0]), e1 = expf(is_d ? Glast - Gs[r0 + 8] : Gs[r0 + 8]);
+            #pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                float c[4];
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) c[i] = acc[0][j][i] + acc[1][j][i];
+                const int col = 8 * (nb + j) + 2 * tig;
+                if (is_d) {  // d = U - W S, and exp(G_last - G) d for the state
+                    const float d[4] = {u[j][0].x - c[0], u[j][0].y - c[1], u[j][1].x - c[2], u[j][1].y - c[3]};
+                    *reinterpret_cast<float2*>(Dm + r0 * DP + col) = make_float2(d[0], d[1]);
+                    *reinterpret_cast<float2*>(Dm + (r0 + 8) * DP + col) = make_float2(d[2], d[3]);
+                    *reinterpret_cast<float2*>(De + r0 * DP + col) = make_float2(e0 * d[0], e0 * d[1]);
+                    *reinterpret_cast<float2*>(De + (r0 + 8) * DP + col) = make_float2(e1 * d[2], e1 * d[3]);
+                } else {
+                    o[j][0] = e0 * c[0]; o[j][1] = e0 * c[1]; o[j][2] = e1 * c[2]; o[j][3] = e1 * c[3];
+                }
+            }
+        }
         __syncthreads();
-        // o = exp(G) q S + attn d
-        for (int j = 0; j <= rb; ++j) {
-            const float a = At[rb * CP + j];
-            const float4 dj = *reinterpret_cast<const float4*>(Dm + j * SL + cb);
-            o.x += a * dj.x; o.y += a * dj.y; o.z += a * dj.z; o.w += a * dj.w;
-        }
-        const int t = n * C + rb;
-        if (t < S) {
-            OutT* dst = out + (((size_t)b * S + t) * Hv + h) * Dv + c0 + cb;
-            dst[0] = static_cast<OutT>(o.x); dst[1] = static_cast<OutT>(o.y);
-            dst[2] = static_cast<OutT>(o.z); dst[3] = static_cast<OutT>(o.w);
-        }
-        // S = exp(G_last) S + k^T (exp(G_last - G) d): row is, columns cs .. cs + CS - 1 (this thread's alone)
-        const float chunk_decay = expf(Glast);
-        float4 acc[CS / 4];
-        #pragma unroll
-        for (int c = 0; c < CS / 4; ++c) {
-            const float4 s = *reinterpret_cast<const float4*>(Ss + is * SL + cs + 4 * c);
-            acc[c] = make_float4(chunk_decay * s.x, chunk_decay * s.y, chunk_decay * s.z, chunk_decay * s.w);
-        }
-        #pragma unroll 4
-        for (int j = 0; j < C; ++j) {
-            const float kk = Ks[j * DKP + is];
+        if (!is_d) {  // o += attn d (attn is zero above the diagonal: k-steps past this tile's rows are skipped)
             #pragma unroll
-            for (int c = 0; c < CS / 4; ++c) {
-                const float4 e = *reinterpret_cast<const float4*>(De + j * SL + cs + 4 * c);
-                acc[c].x += kk * e.x; acc[c].y += kk * e.y; acc[c].z += kk * e.z; acc[c].w += kk * e.w;
+            for (int k0 = 0; k0 < C; k0 += 8) {
+                if (k0 > r0 - gid + 15) break;
+                const float a[4] = {At[r0 * AP + k0 + tig], At[(r0 + 8) * AP + k0 + tig],
+                                    At[r0 * AP + k0 + tig + 4], At[(r0 + 8) * AP + k0 + tig + 4]};
+                #pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int col = 8 * (nb + j) + gid;
+                    const float bb[2] = {Dm[(k0 + tig) * DP + col], Dm[(k0 + tig + 4) * DP + col]};
+                    mma_f32<SPLIT>(o[j], a, bb);
+                }
+            }
+            #pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int t = n * C + r0 + 8 * hf;
+                if (t >= S) continue;
+                OutT* dst = out + (((size_t)b * S + t) * Hv + h) * Dv + c0 + 2 * tig;
+                #pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    dst[8 * (nb + j)] = static_cast<OutT>(o[j][2 * hf]);
+                    dst[8 * (nb + j) + 1] = static_cast<OutT>(o[j][2 * hf + 1]);
+                }
+            }
+        }
+        // S = exp(G_last) S + k^T (exp(G_last - G) d): A = k^T (rows i, k-index the token j), B = De
+        const float chunk_decay = expf(Glast);
+        #pragma unroll
+        for (int nt = 0; nt < SL / 8; ++nt)
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) s[nt][c] *= chunk_decay;
+        #pragma unroll
+        for (int k0 = 0; k0 < C; k0 += 8) {
+            const float a[4] = {Ks[(k0 + tig) * KP + i0 + gid], Ks[(k0 + tig) * KP + i0 + gid + 8],
+                                Ks[(k0 + tig + 4) * KP + i0 + gid], Ks[(k0 + tig + 4) * KP + i0 + gid + 8]};
+            #pragma unroll
+            for (int nt = 0; nt < SL / 8; ++nt) {
+                const float bb[2] = {De[(k0 + tig) * DP + 8 * nt + gid], De[(k0 + tig + 4) * DP + 8 * nt + gid]};
+                mma_f32<SPLIT>(s[nt], a, bb);
             }
         }
         #pragma unroll
-        for (int c = 0; c < CS / 4; ++c) *reinterpret_cast<float4*>(Ss + is * SL + cs + 4 * c) = acc[c];
+        for (int nt = 0; nt < SL / 8; ++nt)
+            #pragma unroll
+            for (int c = 0; c < 4; ++c) St[(8 * nt + 2 * tig + c % 2) * SP + i0 + gid + 8 * (c / 2)] = s[nt][c];
     }
-    __syncthreads();
-    for (int idx = tid; idx < Dk * SL; idx += NTH)
-        state_out[((size_t)bh * Dk + idx / SL) * Dv + c0 + idx % SL] = Ss[idx];
+    #pragma unroll
+    for (int nt = 0; nt < SL / 8; ++nt)
+        #pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+            *reinterpret_cast<float2*>(state_out + ((size_t)bh * Dk + i0 + gid + 8 * hf) * Dv + c0 + 8 * nt + 2 * tig) =
+                make_float2(s[nt][2 * hf], s[nt][2 * hf + 1]);
 """
 
 # Measured on an H100 at 1024 tokens (Qwen3.5-35B-A3B's 32 heads), with the first versions of both kernels:
 # chunks of 32 took 0.46-0.52 ms for both, chunks of 64 0.63-0.69 ms (the prep then needs 149 KB of shared
-# memory, one block an SM). A scan of 512 threads in two halves (d and the state | q S and the output, each
-# half's chain shorter) took 279 us a layer against 220 here: shared memory bounds the loop, and halving each
-# thread's columns doubles its reads per product.
+# memory, one block an SM). The scan on CUDA cores (float32 FMAs, each thread a row of d and o and four columns)
+# took 220 us a layer, bound by the latency of its shared-memory reads; on tensor cores 148 us with SPLIT (state
+# error 2e-6 of the largest entry against the operations). One tf32 product each saved another ~0.13 ms of the
+# two chunk kernels' 0.44 at 1024 tokens, at a state error of 5e-4: MLX-CUDA's own float32 matmuls are not tf32
+# (3e-7 against float64), so neither is this.
 CHUNK = 32  # tokens per chunk
 SLICE = 32  # state columns per scan block: 4 blocks a 128-column head, one wave of blocks on an H100
 SCAN_THREADS = 256
+SCAN_SPLIT = True  # float32 accuracy in the scan's products (three tf32 products each)
 
 
 def chunked_usable(Dk: int, Dv: int) -> bool:
@@ -693,14 +794,14 @@ def chunked_cuda(q, k, v, g, beta, state):
         output_shapes=[(B * Hv, N, C, Dv), (B * Hv, N, C, Dk), (B * Hv, N, C, C), (B * Hv, N, C)],
         output_dtypes=[f32, f32, f32, f32],
     )
-    scan_bytes = 4 * (Dk * SLICE + 3 * C * (Dk + 4) + C * (C + 4) + 2 * C * SLICE + C)
+    scan_bytes = 4 * (SLICE * (Dk + 16) + 2 * C * (Dk + 16) + C * (Dk + 8) + C * (C + 4) + 2 * C * (SLICE + 8) + C)
     # A missing state reads as zeros through a flag, not a template argument: one build serves a prompt's first
     # chunk and the ones that continue it (NVRTC takes ~2 s a build).
     out, final = cuda_kernel("gdn_chunk_scan", ["q", "k", "U", "W", "attn", "G", "state_in", "has_state"],
-                              ["out", "state_out"], CHUNK_SCAN_SOURCE, shared_memory=scan_bytes)(
+                              ["out", "state_out"], CHUNK_SCAN_SOURCE, header=SCAN_HEADER, shared_memory=scan_bytes)(
         inputs=[q, k, U, W, attn, G, G if state is None else state, mx.array([state is not None], mx.int32)],
         template=[("C", C), ("Dk", Dk), ("Dv", Dv), ("Hv", Hv), ("SL", SLICE), ("NTH", SCAN_THREADS),
-                  ("OutT", v.dtype)],
+                  ("OutT", v.dtype), ("SPLIT", SCAN_SPLIT)],
         grid=(Dv // SLICE * SCAN_THREADS, B * Hv, 1), threadgroup=(SCAN_THREADS, 1, 1),
         output_shapes=[(B, S, Hv, Dv), (B, Hv, Dk, Dv)],
         output_dtypes=[v.dtype, f32],

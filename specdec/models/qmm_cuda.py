@@ -191,13 +191,17 @@ GROUPED_SOURCE = """
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int N = w_shape[1], OUT = SWIGLU ? N / 2 : N, E = tile_end_shape[0], z = blockIdx.y;
-    if (z >= tile_end[E - 1]) return;                   // past the last tile (the grid is an upper bound)
-    int lo = 0, hi = E - 1;                             // the expert whose tiles include z
-    while (lo < hi) { const int mid = (lo + hi) / 2; if (tile_end[mid] > z) hi = mid; else lo = mid + 1; }
-    const int e = lo, first = e == 0 ? 0 : tile_end[e - 1];
-    const int t0 = start[e] + (z - first) * TOK, t1 = min(t0 + TOK, start[e] + count[e]);
     const int c0 = blockIdx.x * (SWIGLU ? ROWS / 2 : ROWS);   // the block's first output column
     if (c0 >= OUT) return;
+    // the expert whose tiles include z: the number of experts whose tiles end at or before it, counted by each
+    // warp in two reads (the last of 32 segments, then within one), where a binary search waits for eight in a row
+    const int seg = (E + 31) / 32;                      // up to 1024 experts
+    const int ends_before = __popc(__ballot_sync(0xffffffffu, tile_end[min((lane + 1) * seg, E) - 1] <= z));
+    const int e = ends_before * seg + __popc(__ballot_sync(0xffffffffu,
+        lane < seg && ends_before * seg + lane < E && tile_end[min(ends_before * seg + lane, E - 1)] <= z));
+    if (e >= E) return;                                 // past the last tile (the grid is an upper bound)
+    const int first = e == 0 ? 0 : tile_end[e - 1];
+    const int t0 = start[e] + (z - first) * TOK, t1 = min(t0 + TOK, start[e] + count[e]);
 
     extern __shared__ __align__(16) uint32_t smem[];  // STAGES x [weights ROWS x WPG | x TOK x XS], scales, biases
     __nv_bfloat16* sc = reinterpret_cast<__nv_bfloat16*>(smem + STAGES * STAGE_WORDS);
@@ -206,11 +210,8 @@ GROUPED_SOURCE = """
     auto row_of = [&](int j) -> int {
         return SWIGLU ? (j < ROWS / 2 ? min(c0 + j, OUT - 1) : OUT + min(c0 + j - ROWS / 2, OUT - 1)) : min(c0 + j, N - 1);
     };
-    for (int i = tid; i < ROWS * GROUPS; i += blockDim.x) {
-        const size_t src = ((size_t)e * N + row_of(i / GROUPS)) * GROUPS + i % GROUPS;
-        sc[i] = scales[src];
-        bs[i] = biases[src];
-    }
+    __shared__ int out_row[TOK];                        // where the tile's rows go, and their scales
+    __shared__ float scale_of[TOK];
     // A thread's 16-byte chunks of each stage are the same for every group: where they come from (at group 0,
     // in words of the expert's matrix / values of x) and where they go in a stage (words), worked out once.
     constexpr int THREADS = 32 * WARPS, W_CHUNKS = ROWS * CH, X_CHUNKS = TOK * (GS / 8);
@@ -243,10 +244,27 @@ GROUPED_SOURCE = """
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                              :: "r"(st + 4 * x_to[i]), "l"(x + x_from[i] + g * GS), "r"(x_bytes[i]));
     };
+    // the scales and biases of the block's rows (all groups) go with the first stage, copied as they are
+    constexpr int SB = GROUPS * 2 < 16 ? GROUPS * 2 : 16, S_CHUNKS = ROWS * GROUPS * 2 / SB;
+    static_assert(SB >= 4, "cp.async copies 4 bytes or more");
+    for (int c = tid; c < 2 * S_CHUNKS; c += THREADS) {
+        const int part = c % S_CHUNKS, i = part * (SB / 2), row = i / GROUPS;
+        const __nv_bfloat16* src = (c < S_CHUNKS ? scales : biases) + ((size_t)e * N + row_of(row)) * GROUPS + i % GROUPS;
+        const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared((c < S_CHUNKS ? sc : bs) + i));
+        if (SB == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src));
+        else asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(SB));
+    }
     #pragma unroll
     for (int g = 0; g < STAGES - 1; ++g) {
         if (g < GROUPS) load_stage(g);
         asm volatile("cp.async.commit_group;");
+    }
+    if (SCATTER || SCALED) {  // read now, while the stages load, not one by one at the end
+        for (int i = tid; i < TOK; i += THREADS) {
+            const int row = SCATTER ? out_rows[min(t0 + i, t1 - 1)] : min(t0 + i, t1 - 1);
+            out_row[i] = row;
+            if (SCALED) scale_of[i] = row_scale[row];
+        }
     }
 
     // this warp's A rows in the block: SWIGLU gate row / up row, else rows 16 w + gid and + 8
@@ -293,13 +311,13 @@ GROUPED_SOURCE = """
         for (int c = 0; c < 2; ++c) {
             const int n = t0 + nt * 8 + 2 * tig + c;
             if (n >= t1) continue;
-            const size_t row = SCATTER ? static_cast<size_t>(out_rows[n]) : static_cast<size_t>(n);
+            const size_t row = SCATTER ? static_cast<size_t>(out_row[n - t0]) : static_cast<size_t>(n);
             if (SWIGLU) {  // gate and up rounded as the unfused products would be
                 const float gate = static_cast<float>(static_cast<T>(acc[nt][c]));
                 const float up = static_cast<float>(static_cast<T>(acc[nt][2 + c]));
                 if (f < OUT) out[row * OUT + fo] = static_cast<T>(gate / (1.f + __expf(-gate)) * up);
             } else if (SCALED) {  // each output, rounded as the unweighted product would be, times its row's score
-                const float s = row_scale[row];
+                const float s = scale_of[n - t0];
                 auto scaled = [&](float v) { return static_cast<T>(s * static_cast<float>(static_cast<T>(v))); };
                 if (f < N) out[row * N + f] = scaled(acc[nt][c]);
                 if (f + 8 < N) out[row * N + f + 8] = scaled(acc[nt][2 + c]);
@@ -397,9 +415,13 @@ def expert_tiles(indices, num_experts: int, tile: int = None):
 # memory (Nsight Compute: 62% of issue slots busy, the ALU pipe the busiest, ~16 instructions per mma): loads
 # worked out once per block and x interleaved (no byte shuffles per mma) took gate/up + down from 0.60 to 0.55
 # ms at 8192 rows and from 1.70 to 1.37 ms at 32768 (64-row tiles: 0.54 and 1.46, at 72 registers a thread
-# against 64, so three blocks an SM instead of four). A verify window's rows (9-16 tokens: 72-128)
-# spread over as many experts, a row or two each: the product only streams weights, so smaller tiles waste
-# less of each mma and more stages hide the memory latency.
+# against 64, so three blocks an SM instead of four). Nsight's stall sampling then put a quarter of a prefill's
+# product in each block's start: scales and biases copied two bytes at a time through registers, an eight-step
+# binary search for the tile's expert, and (down) the rows' indices and scores read one by one at the end. Copied
+# with cp.async, searched in two warp-wide reads and read ahead: gate/up 291 -> 257 us a layer, down 173 -> 154
+# (3 stages: the same prefill time; skipping a tile's empty 8-row parts: gate/up 257 -> 299 us). A verify window's
+# rows (9-16 tokens: 72-128) spread over as many experts, a row or two each: the product only streams weights, so
+# smaller tiles waste less of each mma and more stages hide the memory latency.
 GROUP_TILE, GROUP_STAGES = 32, 2
 SMALL_TILE, SMALL_STAGES, SMALL_ROWS = 16, 4, 1024
 
