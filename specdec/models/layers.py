@@ -300,11 +300,10 @@ class SparseMoE(nn.Module):
             f32 = lambda a: a.astype(mx.float32)
             scores = mx.exp(f32(top) - mx.logsumexp(f32(logits), axis=-1, keepdims=True)).astype(x.dtype)
         # the score-weighted sum of the k expert outputs, as one batched [1, k] @ [k, H] product per token
-        return self.plus_shared(x, (scores[:, None, :] @ self.experts(x, indices)).squeeze(-2))
-
-    def plus_shared(self, x, y):
-        """y plus the shared expert's output gated by sigmoid(its gate logit), where the block has one."""
-        return y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x) if self.shared else y
+        y = (scores[:, None, :] @ self.experts(x, indices)).squeeze(-2)
+        if self.shared:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y
 
 
 def _moe_self_check() -> bool:
