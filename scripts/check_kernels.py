@@ -265,7 +265,7 @@ def check_grouped():
             want = (h[rows].astype(mx.float32)[:, None, :] @ w[idx[rows]].astype(mx.float32).swapaxes(-1, -2)).squeeze(1)
             mlx_err = rel_err(mlx()[rows], want)
             t_m = timed(mlx, 10)
-            shapes = ((8, 4), (16, 4), (32, 2), (64, 2))  # (tile, stages)
+            shapes = ((8, 4), (16, 4), (32, 2), (40, 2), (64, 2))  # (tile, stages)
             variants = [(False, sh) for sh in shapes] + ([(True, sh) for sh in shapes] if name == "gate_up" else [])
             for swiglu, shape in variants:
                 expected, mlx_ms = want, t_m

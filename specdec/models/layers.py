@@ -352,7 +352,7 @@ def _qmm_self_check() -> bool:
         dequantized = mx.dequantize(linear.weight, linear.scales, linear.biases, 64, bits)
         if not kernels.close(qmm_cuda.dequantize(linear), dequantized, 1e-2):
             raise ValueError(f"{bits}-bit dequantized matrix differs from MLX's")
-    idx = mx.array([0] * 3 + [1] * 17 + [3] * 40 + [4], mx.int32)  # 1, 2, 3 tiles; expert 2 unused
+    idx = mx.array([0] * 3 + [1] * 17 + [3] * 41 + [4], mx.int32)  # 1, 2, 3 small tiles (2 prefill ones); no expert 2
     x = mx.random.normal((idx.size, 1024), key=next(keys)).astype(mx.bfloat16)
     shuffle = mx.random.permutation(idx.size, key=next(keys)).astype(mx.uint32)
     spread = mx.zeros_like(x).at[shuffle].add(x)  # spread[shuffle[i]] = x[i]
