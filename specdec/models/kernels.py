@@ -1,15 +1,24 @@
 """Which custom CUDA kernels run: one switch and one self-check record for all of them.
 
 A kernel runs only on MLX's CUDA backend, only if SPECDEC_KERNELS allows it, and only after its self-check
-against the MLX operations it replaces has passed (once per process). Elsewhere (CPU, Metal) the operations
+against the MLX operations it replaces has passed. Elsewhere (CPU, Metal) the operations
 serve: no untested kernels. SPECDEC_KERNELS is `all` (the default), `none`, or a comma-separated list of the
 kernels to use: `gdn` (the GDN recurrence, the fused GDN mixer, a prefill's recurrence inputs, gated norm and
 chunked recurrence), `moe` (the sparse MoE block, many tokens' routing and sums), `qmm` (the tensor-core
 quantized matmuls and a prefill's dequantization) and `attn` (a prefill's attention).
+
+A self-check runs once per process, and gives the same answer for the same kernel code on the same device and
+MLX build: passed checks are recorded (`record_path`) under a key of all three, and a later process takes them
+from the record, skipping their kernel builds (NVRTC, ~2 s each, most of a minute in all, and mostly not the
+builds a model runs). SPECDEC_KERNEL_CHECKS=always runs every check again.
 """
 
+import functools
+import hashlib
+import json
 import os
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -34,18 +43,74 @@ def on_cuda() -> bool:
 
 
 def ready(name: str) -> bool:
-    """May kernel `name` run here? Its self-check runs on the first call (see `prepare`)."""
+    """May kernel `name` run here? Its self-check runs on the first call (see `prepare`), unless recorded."""
     if not (allowed(name) and on_cuda()):
         return False
     if name not in _passed:
-        try:
-            _passed[name] = bool(_checks[name]())
-        except Exception as e:  # a kernel that does not build or run leaves the operations in place
-            warnings.warn(f"{name} kernel: {type(e).__name__}: {e}")
-            _passed[name] = False
-        if not _passed[name]:
-            warnings.warn(f"the {name} CUDA kernel failed its self-check; using MLX operations")
+        _passed[name] = name in _recorded_passes() or _self_check(name)
     return _passed[name]
+
+
+def _self_check(name: str) -> bool:
+    try:
+        passed = bool(_checks[name]())
+    except Exception as e:  # a kernel that does not build or run leaves the operations in place
+        warnings.warn(f"{name} kernel: {type(e).__name__}: {e}")
+        passed = False
+    if passed:
+        _record_pass(name)
+    else:
+        warnings.warn(f"the {name} CUDA kernel failed its self-check; using MLX operations")
+    return passed
+
+
+def record_path() -> Path:
+    """Where passed self-checks are recorded: SPECDEC_CACHE_DIR, else the user's cache folder."""
+    root = os.environ.get("SPECDEC_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "specdec"
+    return Path(root).expanduser() / "kernel-checks.json"
+
+
+@functools.cache
+def record_key() -> str:
+    """The code of the kernels and of the operations they are checked against (this folder), the MLX build and
+    the device: a record made under another key says nothing here."""
+    digest = hashlib.sha256(mx.__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    try:
+        device = mx.device_info()
+    except Exception:  # no device information on this backend
+        device = {}
+    digest.update(json.dumps(device, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _read_record() -> set:
+    try:
+        record = json.loads(record_path().read_text())
+        return set(record["passed"]) if record.get("key") == record_key() else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or unreadable: check again
+        return set()
+
+
+def _recorded_passes() -> set:
+    if os.environ.get("SPECDEC_KERNEL_CHECKS", "recorded") == "always":
+        return set()
+    return _read_record()
+
+
+def _record_pass(name: str):
+    """Add a passed check to the record (written whole, then renamed into place). A record that cannot be
+    written costs only the checks next time."""
+    path = record_path()
+    record = {"key": record_key(), "passed": sorted(_read_record() | {name})}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(record, indent=1))
+        os.replace(partial, path)
+    except OSError as e:
+        warnings.warn(f"could not record passed kernel self-checks in {path}: {e}")
 
 
 def prepare():
