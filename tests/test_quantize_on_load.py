@@ -9,6 +9,7 @@ import contextlib
 import io
 
 import mlx.core as mx
+import mlx.nn
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from specdec.engine import Stats, speculate
 from specdec.errors import ConfigError
 from specdec.generate import generate, load
 from specdec.loading import load_model
+from specdec.models.layers import QuantizedEmbedding
 from specdec.sampling import SamplingParams
 from test_quantized import PROMPT, rel_err, write_hf_checkpoint
 
@@ -45,6 +47,17 @@ def test_quantize_on_load_matches_mlx_lm_conversion(checkpoints):
     tokens = mx.array([PROMPT])
     assert rel_err(np.array(ours(tokens)), np.array(reference(tokens))) < 1e-5
     assert rel_err(np.array(ours(tokens)), np.array(load_model(src)[0](tokens))) > 1e-3  # really quantized
+
+
+def test_quantized_embedding_takes_rows_as_mlx_does(checkpoints):
+    """Both ways to a quantized model give our embedding lookup (rows taken through the flattened tokens), with
+    MLX's QuantizedEmbedding's values."""
+    src, converted = checkpoints
+    tokens = mx.array([PROMPT, PROMPT[::-1]])
+    for model in (load_model(src, quantize=4)[0], load_model(converted)[0]):
+        embed = model.model.embed_tokens
+        assert isinstance(embed, QuantizedEmbedding)
+        assert mx.array_equal(embed(tokens), mlx.nn.QuantizedEmbedding.__call__(embed, tokens))
 
 
 def first_tokens(target, prompt, proposer, k, n, stats):

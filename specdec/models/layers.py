@@ -54,6 +54,27 @@ class Linear(nn.Linear):
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """MLX's quantized embedding, its rows taken through the flattened tokens. MLX indexes the packed weights,
+    scales and biases with the [B, S] tokens themselves: on an H100 (MLX-CUDA 0.32.4) that lookup took 140-158
+    us against 51-56 us this way (1 and 1024 tokens); in the 8-layer Qwen3.5 bench, same process, taking turns,
+    medians of S=1 / S=5 steps and 1024-token prefills 2.47 / 3.22 / 11.4 ms against 2.40 / 3.08 / 11.0."""
+
+    def __call__(self, x):
+        flat = x.reshape(-1)
+        rows = lambda a: None if a is None else mx.take(a, flat, axis=0)
+        out = mx.dequantize(rows(self["weight"]), rows(self["scales"]), rows(self.get("biases")),
+                            group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return out.reshape(*x.shape, -1)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose quantized form is the QuantizedEmbedding above."""
+
+    def to_quantized(self, group_size: int = None, bits: int = None, mode: str = "affine", **_):
+        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight. Zero-centred checkpoints (1 + w) are folded to this form at load."""
 

@@ -12,7 +12,7 @@ import mlx.nn as nn
 from . import compiled, gdn_cuda, kernels
 from .config import ModelConfig
 from .gdn import RECURRENT_MAX_TOKENS, gdn
-from .layers import MLP, Attention, Linear, RMSNorm, SparseMoE
+from .layers import MLP, Attention, Embedding, Linear, RMSNorm, SparseMoE
 
 def l2norm(x, eps=1e-6):
     return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
@@ -235,7 +235,7 @@ PIPELINE_MIN_TOKENS = 64
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
