@@ -178,9 +178,10 @@ class AdaptiveK:
         return k
 
     def second_look(self, k: int) -> int:
-        """K for a window size timed once, or for the one longer than the chosen K + 1 if it is timed less than
-        twice (see the module notes); else k. A proposer that drafts fewer than asked may never time a size:
-        each is asked for `second_looks` times at most."""
+        """The K to ask for instead of the chosen k: that of a window size timed only once, or that of the window
+        one token longer than k's (k + 2 tokens) while it is timed less than twice (see the module notes); else
+        k. Each size is asked for `second_looks` times at most: a proposer that drafts fewer than asked may
+        never time it."""
         doubtful = [s for s in range(2, self.max_k + 2) if len(self.times.get(s, ())) == 1]
         if k + 2 <= self.max_k + 1 and len(self.times.get(k + 2, ())) < 2:
             doubtful.append(k + 2)

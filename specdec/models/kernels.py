@@ -1,8 +1,8 @@
 """Which custom CUDA kernels run: one switch and one self-check record for all of them.
 
 A kernel runs only on MLX's CUDA backend, only if SPECDEC_KERNELS allows it, and only after its self-check
-against the MLX operations it replaces has passed. Elsewhere (CPU, Metal) the operations
-serve: no untested kernels. SPECDEC_KERNELS is `all` (the default), `none`, or a comma-separated list of the
+against the MLX operations it replaces has passed. Elsewhere (CPU, Metal) the operations serve: no untested
+kernels. SPECDEC_KERNELS is `all` (the default), `none`, or a comma-separated list of the
 kernels to use: `gdn` (the GDN recurrence, the fused GDN mixer, a prefill's recurrence inputs, gated norm and
 chunked recurrence), `moe` (the sparse MoE block, many tokens' routing and sums), `qmm` (the tensor-core
 quantized matmuls and a prefill's dequantization) and `attn` (a prefill's attention).
