@@ -29,7 +29,8 @@ a size that looks expensive is never chosen, so never timed again. So a size tim
 second time, and the window one longer than the chosen one is tried, each at most `second_looks` times,
 before either is ruled out. Simulated on an H100's cost curve at 0.8 acceptance, 100 rounds, with 15% of
 rounds 1.3-2.5x slower, the worst of 40 runs went from 0.46 to 0.68 of the best K's undisturbed rate
-(median 0.84 both, the slow rounds' own cost included); with 30% slow rounds from 0.41 to 0.60.
+(median 0.84 both, the slow rounds' own cost included); with 30% slow rounds from 0.41 to 0.60. On a CPU,
+where the extra looks are honest timings of windows that do not pay, they cost ~0-3% (bench_auto_k cases).
 
 Start-up runs a few plain and K=1 rounds (real rounds: they emit tokens) to measure t(1) and t(2). When
 the model says K = 0, the policy still probes K > 0 now and then, within `explore_budget` (a fraction of
