@@ -315,7 +315,6 @@ def test_prefills_take_the_prefill_kernels_with_their_contracts(tiny, monkeypatc
     assert calls == []
 
 
-
 def test_prefill_attention_takes_the_kernel_with_its_contract(tiny, monkeypatch):
     """Where the attention kernel may run, a prefill's attention layers hand it q [B, Hq, S, D] and the keys and
     values of all L positions so far (queries at the last S); a stand-in computing that contract with MLX's

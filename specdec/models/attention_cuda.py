@@ -13,7 +13,7 @@ reads it (no transpose).
 
 import mlx.core as mx
 
-from .kernels import close, cuda_kernel
+from .kernels import MMA_BF16, close, cuda_kernel
 
 SOURCE = """
     constexpr int BQ = 64, BK = 32, RS = D + 8;       // query / key rows a tile; smem row stride (bank spread)
@@ -153,14 +153,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
 }
-
-__device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-"""
+""" + MMA_BF16
 
 MIN_TOKENS = 64  # fewer queries (decode and verify windows) keep MLX's attention: one tile would be mostly idle
 BLOCK_QUERIES, BLOCK_KEYS = 64, 32
@@ -190,8 +183,8 @@ def attention(q, k, v, scale: float):
 
 
 def self_check() -> bool:
-    """The kernel against MLX's attention with the causal mask: a prefill from empty (a partial last tile) and a
-    chunk after 70 positions, head_dim 256 and 128, two q-heads a kv-head."""
+    """The kernel against MLX's attention with the causal mask, two q-heads a kv-head: a prefill from empty (a
+    partial last tile), chunks after 70 and 33 positions (keys not aligned to a tile), head_dim 256 and 128."""
     for D, S, before in ((256, 100, 0), (128, 80, 70), (256, 64, 33)):
         keys = mx.random.split(mx.random.key(D + S), 3)
         q = mx.random.normal((1, 4, S, D), key=keys[0]).astype(mx.bfloat16)

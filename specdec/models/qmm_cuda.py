@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .kernels import cuda_kernel, quantized_format
+from .kernels import MMA_BF16, cuda_kernel, quantized_format
 
 # The m16n8k16 fragments both kernels build. Lane (gid, tig) holds, per quantization group, GS / 4 codes of its
 # rows (WPT words) and GS / 4 values of x (as 16-byte runs); step s of the group's GS / 16 mma steps takes:
@@ -81,14 +81,7 @@ __device__ __forceinline__ int interleaved_column(int k) {
 }
 
 __device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 h) { return *reinterpret_cast<uint32_t*>(&h); }
-
-__device__ __forceinline__ void mma_bf16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-"""
+""" + MMA_BF16
 
 SOURCE = """
     constexpr int WARPS = 8, TILES = WARPS / KSPLIT;    // 16-row tiles per block
